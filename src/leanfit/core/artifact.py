@@ -1,0 +1,147 @@
+"""Adapter files: `adapter.safetensors` (adapter tensors and trained heads) + `adapter.json` manifest.
+
+The manifest carries a schema version, the method config, the exact target list, the trained
+modules, the base model's fingerprint and the tensors file's SHA-256, so a load can refuse another
+base model, a truncated or corrupt file, or a schema it does not know, each in one sentence.
+Both files are written atomically. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..errors import ArtifactError, BaseModelMismatchError
+from ..io import atomic_write_bytes
+from ..methods.registry import config_from_dict
+from .model import adapt, adapter_modules, base_fingerprint, delete, spec
+
+SCHEMA_VERSION = 1
+MANIFEST = "adapter.json"
+TENSORS = "adapter.safetensors"
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The tensors that make adapter `name`: its modules' state per host, and its trained heads."""
+    tensors = {}
+    for host, module in adapter_modules(model, name).items():
+        for key, t in module.state_dict().items():
+            tensors[f"{host}.{key}"] = t
+    for head in spec(model, name).train_modules:
+        for key, t in model.get_submodule(head).state_dict().items():
+            tensors[f"{head}.{key}"] = t
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save(model: nn.Module, path: str | Path, name: str | None = None, extra: dict | None = None) -> Path:
+    """Write adapter `name` (the only adapter if not given) to directory `path`."""
+    name = name or _only_adapter(model)
+    s = spec(model, name)
+    path = Path(path)
+    payload = safetensors.torch.save(adapter_tensors(model, name))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "method": s.config.to_dict(),
+        "targets": s.targets,
+        "train_modules": s.train_modules,
+        "base_model": {"fingerprint": s.base_fingerprint, "class": type(model).__name__,
+                       "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)},
+        "tensors": {"file": TENSORS, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)},
+        "extra": extra or {},
+    }
+    atomic_write_bytes(path / TENSORS, payload)
+    atomic_write_bytes(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        hint = " (it looks like a PEFT adapter: use import_peft)" if (path / "adapter_config.json").exists() else ""
+        raise ArtifactError(f"No leanfit adapter at '{path}': {MANIFEST} is missing{hint}; pass a directory written by save.")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"The manifest '{file}' is corrupt ({err.__class__.__name__}); save the adapter again.") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"'{file}' has schema version {version!r} but this leanfit reads version {SCHEMA_VERSION}; "
+            "use the leanfit version that wrote it.")
+    return manifest
+
+
+def read_tensors(path: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
+    file = Path(path) / manifest["tensors"]["file"]
+    if not file.is_file():
+        raise ArtifactError(f"The adapter tensors '{file}' are missing; copy the whole adapter directory.")
+    payload = file.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != manifest["tensors"]["sha256"]:
+        raise ArtifactError(
+            f"The adapter tensors '{file}' are truncated or corrupt ({len(payload)} bytes, expected "
+            f"{manifest['tensors']['bytes']}); copy or save the adapter again.")
+    try:
+        return safetensors.torch.load(payload)
+    except Exception as err:  # safetensors raises its own error types
+        raise ArtifactError(f"The adapter tensors '{file}' cannot be read ({err}); save the adapter again.") from None
+
+
+def check_base(model: nn.Module, manifest: dict, source: str | Path) -> None:
+    expected = manifest["base_model"]["fingerprint"]
+    actual = model.__dict__.get("leanfit_fingerprint") or base_fingerprint(model, manifest["train_modules"])
+    if actual != expected:
+        raise BaseModelMismatchError(
+            f"The adapter at '{source}' was trained on base model {expected} "
+            f"({manifest['base_model'].get('name_or_path') or 'unnamed'}), but this model is {actual}; "
+            "load it onto the model it was trained on.")
+
+
+def load(model: nn.Module, path: str | Path, name: str | None = None) -> str:
+    """Add the adapter saved at `path` to `model` (as `name`, default its saved name); returns the name."""
+    manifest = read_manifest(path)
+    check_base(model, manifest, path)
+    tensors = read_tensors(path, manifest)
+    name = name or manifest["name"]
+    exact = "|".join(re.escape(t) for t in manifest["targets"])
+    adapt(model, config_from_dict(manifest["method"]), targets=f"(?:{exact})", name=name,
+          train_modules=manifest["train_modules"])
+    try:
+        _load_state(model, name, tensors, path)
+    except ArtifactError:
+        delete(model, name)
+        raise
+    return name
+
+
+def _load_state(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source) -> None:
+    owners = {**adapter_modules(model, name), **{h: model.get_submodule(h) for h in spec(model, name).train_modules}}
+    used = set()
+    for owner, module in owners.items():
+        state = {k[len(owner) + 1:]: v for k, v in tensors.items() if k.startswith(owner + ".")}
+        used.update(f"{owner}.{k}" for k in state)
+        try:
+            missing, unexpected = module.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatch
+            raise ArtifactError(f"The adapter at '{source}' does not fit layer '{owner}': "
+                                f"{str(err).splitlines()[-1].strip()}.") from None
+        if missing or unexpected:
+            raise ArtifactError(f"The adapter at '{source}' does not fit layer '{owner}' "
+                                f"(missing {missing}, unexpected {unexpected}); it was saved by another version.")
+    if set(tensors) - used:
+        raise ArtifactError(f"The adapter at '{source}' has tensors for layers this model lacks: "
+                            f"{sorted(set(tensors) - used)[:3]}.")
+
+
+def _only_adapter(model: nn.Module) -> str:
+    names = list(model.__dict__.get("leanfit_adapters", {}))
+    if len(names) != 1:
+        raise ArtifactError(f"The model has adapters {names or 'none'}; name the one to save.")
+    return names[0]

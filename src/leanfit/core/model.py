@@ -1,0 +1,216 @@
+"""The adapted model's life: add adapters, activate, train, merge, delete, unwrap.
+
+What leanfit knows about a model's adapters lives on the model object itself (`leanfit_adapters`),
+so it travels with the model and never in module globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import AdapterError, ConfigError
+from ..methods.base import MethodConfig
+from ..methods.registry import module_class
+from .fingerprint import fingerprint
+from .inject import Targets, find_targets, host_at, hosts, remove_empty_hosts, unwrap_hosts
+
+AUTO = "auto"
+CLASSIFIER_HEADS = ("classifier", "score")  # new, randomly initialised heads of HF task models
+
+
+@dataclass
+class AdapterSpec:
+    """Everything needed to rebuild an adapter on the same base: what `save` writes."""
+
+    name: str
+    config: MethodConfig
+    targets: list[str]
+    train_modules: list[str] = field(default_factory=list)
+    base_fingerprint: str = ""
+
+
+def adapters(model: nn.Module) -> dict[str, AdapterSpec]:
+    return model.__dict__.setdefault("leanfit_adapters", {})
+
+
+def spec(model: nn.Module, name: str) -> AdapterSpec:
+    try:
+        return adapters(model)[name]
+    except KeyError:
+        known = ", ".join(adapters(model)) or "none"
+        raise AdapterError(f"Unknown adapter '{name}'; this model has: {known}.") from None
+
+
+def _resolve_train_modules(model: nn.Module, train_modules) -> list[str]:
+    if train_modules == AUTO:
+        return [n for n in CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+    names = list(train_modules or [])
+    for n in names:
+        try:
+            model.get_submodule(n)
+        except AttributeError:
+            raise ConfigError(f"train_modules names '{n}', which is not a module of this model.") from None
+    return names
+
+
+def base_fingerprint(model: nn.Module, train_modules=()) -> str:
+    """The fingerprint adapters record: base weights without freshly initialised task heads."""
+    return fingerprint(model, tuple(dict.fromkeys([*_resolve_train_modules(model, AUTO), *train_modules])))
+
+
+def adapt(model: nn.Module, config: MethodConfig, targets: Targets = "all-linear", name: str = "default",
+          exclude: Targets | None = None, train_modules=AUTO) -> AdapterSpec:
+    """Inject adapter `name` of method `config` into the target layers; make it the one trained.
+
+    Everything else is frozen, except `train_modules` (by default a sequence-classification head),
+    which are trained in full and saved with the adapter.
+    """
+    if name in adapters(model):
+        raise AdapterError(f"Adapter '{name}' already exists; delete it or choose another name.")
+    heads = _resolve_train_modules(model, train_modules)
+    if "leanfit_requires_grad" not in model.__dict__:
+        model.__dict__["leanfit_requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
+    if "leanfit_fingerprint" not in model.__dict__:
+        model.__dict__["leanfit_fingerprint"] = base_fingerprint(model, heads)
+    names = find_targets(model, targets, exclude)
+    names = [n for n in names if not any(n == h or n.startswith(h + ".") for h in heads)]
+    build = module_class(config.method)
+    for target in names:
+        host = host_at(model, target)
+        host.add(name, build(host.base_layer, config))
+    new = AdapterSpec(name, config, names, heads, model.__dict__["leanfit_fingerprint"])
+    adapters(model)[name] = new
+    activate(model, name)  # like PEFT's set_adapter: the adapter being trained acts alone
+    set_trainable(model, name)
+    return new
+
+
+def _active_names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(a for h in hosts(model).values() for a in h.active))
+
+
+def active(model: nn.Module) -> list[str]:
+    return _active_names(model)
+
+
+def activate(model: nn.Module, *names: str) -> None:
+    """Make exactly `names` active (their deltas are summed); no names: deactivate all."""
+    for n in names:
+        spec(model, n)
+    for host in hosts(model).values():
+        host.active = [n for n in names if n in host.adapters]
+
+
+def deactivate(model: nn.Module, name: str | None = None) -> None:
+    activate(model, *[n for n in _active_names(model) if name is not None and n != name])
+
+
+def set_trainable(model: nn.Module, name: str | None) -> None:
+    """Freeze everything, then unfreeze adapter `name` and its train_modules (None: freeze all)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if name is None:
+        return
+    s = spec(model, name)
+    for host in hosts(model).values():
+        if name in host.adapters:
+            for p in host.adapters[name].parameters():
+                p.requires_grad_(True)
+    for head in s.train_modules:
+        for p in model.get_submodule(head).parameters():
+            p.requires_grad_(True)
+
+
+def delete(model: nn.Module, name: str) -> None:
+    spec(model, name)
+    for host in hosts(model).values():
+        if name in host.adapters:
+            host.remove(name)
+    remove_empty_hosts(model)
+    del adapters(model)[name]
+
+
+def merge(model: nn.Module, name: str) -> None:
+    """Fold adapter `name` into the base weights; forward skips it until `unmerge`.
+
+    Every layer's delta is computed before any weight changes, so a layer that cannot merge leaves
+    the whole model as it was."""
+    spec(model, name)
+    todo = [h for h in hosts(model).values() if name in h.adapters and name not in h.merged]
+    deltas = [h.merge_delta(name) for h in todo]
+    for host, delta in zip(todo, deltas):
+        host.merge(name, delta)
+
+
+def unmerge(model: nn.Module, name: str) -> None:
+    spec(model, name)
+    for host in hosts(model).values():
+        if name in host.adapters:
+            host.unmerge(name)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove every adapter and host: the original modules back in place, flags as they were."""
+    unwrap_hosts(model)
+    flags = model.__dict__.pop("leanfit_requires_grad", {})
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+    model.__dict__.pop("leanfit_adapters", None)
+    model.__dict__.pop("leanfit_fingerprint", None)
+    return model
+
+
+def adapter_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """Host name -> the adapter module `name` in that host."""
+    spec(model, name)
+    return {h: host.adapters[name] for h, host in hosts(model).items() if name in host.adapters}
+
+
+def set_rank(model: nn.Module, rank: int, name: str | None = None) -> None:
+    """Use rank `rank` of every elastic-rank adapter (DyLoRA), of adapter `name` or of all."""
+    found = False
+    for host in hosts(model).values():
+        for n, adapter in host.adapters.items():
+            if (name is None or n == name) and adapter.capabilities.elastic_rank:
+                adapter.set_rank(rank)
+                found = True
+    if not found:
+        raise AdapterError("No elastic-rank adapter (e.g. DyLoRA) to set the rank of.")
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; `all` includes the adapters, as PEFT reports it."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def calibrate(model: nn.Module, batch: dict, name: str) -> int:
+    """Give adapters that learn their init from data (LoRA-SB) the full-weight gradient of one
+    batch; returns how many layers were calibrated. The model's weights are left unchanged."""
+    targets = {h: m for h, m in adapter_modules(model, name).items() if hasattr(m, "calibrate")}
+    if not targets:
+        return 0
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    layers = {h: model.get_submodule(h).base_layer for h in targets}
+    for layer in layers.values():
+        layer.weight.requires_grad_(True)
+        layer.weight.grad = None
+    was_training = model.training
+    model.train()
+    model(**batch).loss.backward()
+    model.train(was_training)
+    for h, adapter in targets.items():
+        adapter.calibrate(-layers[h].weight.grad)
+    for n, p in model.named_parameters():
+        p.grad = None
+        p.requires_grad_(flags[n])
+    return len(targets)
+
+
+
+__all__ = ["AdapterSpec", "adapt", "adapters", "activate", "active", "deactivate", "delete", "merge",
+           "unmerge", "unwrap", "set_trainable", "set_rank", "trainable_parameters", "calibrate",
+           "adapter_modules", "spec"]
