@@ -1,0 +1,77 @@
+"""Raw text splits -> token tensors (`TensorSplits`), the only form the trainer consumes.
+
+Classification pads every text to `max_length` so batches stack without a collator. Causal LM
+concatenates the documents (EOS between them) and cuts fixed blocks, so no token is padding and
+`labels` can simply equal `input_ids`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, TensorSplits, TextDataset
+from leanfit.errors import ConfigError, DataError
+
+SPLITS = ("train", "validation", "test")
+
+
+def encode(dataset: TextDataset, tokenizer, max_length: int = 128) -> TensorSplits:
+    """Tokenise every split of `dataset`; a tokenizer without a pad token gets its EOS as pad (kept set)."""
+    if max_length < 2:
+        raise ConfigError(f"max_length={max_length} is too small; use at least 2 tokens.")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
+        tokenizer.pad_token = tokenizer.eos_token
+    if dataset.task == CLASSIFICATION:
+        splits = {name: _encode_labelled(getattr(dataset, name), tokenizer, max_length) for name in SPLITS}
+    elif dataset.task == CAUSAL_LM:
+        splits = {name: _encode_blocks(getattr(dataset, name), tokenizer, max_length) for name in SPLITS}
+        if len(splits["train"]["input_ids"]) == 0:
+            raise DataError(
+                f"The train split of {dataset.name} has fewer than max_length={max_length} tokens; "
+                "add text or lower max_length."
+            )
+    else:
+        raise ConfigError(f"Unknown task {dataset.task!r}; use {CLASSIFICATION!r} or {CAUSAL_LM!r}.")
+    info = dict(dataset.info, max_length=max_length, tokenizer=getattr(tokenizer, "name_or_path", ""))
+    return TensorSplits(task=dataset.task, labels=dataset.labels, info=info, **splits)
+
+
+def _encode_labelled(rows: list, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    if not rows:
+        return _empty((0, max_length), labels_shape=(0,))
+    texts, labels = zip(*rows)
+    batch = tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {
+        "input_ids": batch["input_ids"].long(),
+        "attention_mask": batch["attention_mask"].long(),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
+
+
+def _encode_blocks(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """Documents joined by EOS (SEP for encoders), cut into `max_length` blocks; the tail is dropped."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if separator is None:
+        raise ConfigError("The tokenizer has no EOS or SEP token to separate documents; set tokenizer.eos_token.")
+    stream: list[int] = []
+    if texts:
+        for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]:
+            stream += ids
+            stream.append(separator)
+    n_blocks = len(stream) // max_length
+    if n_blocks == 0:
+        return _empty((0, max_length), labels_shape=(0, max_length))
+    input_ids = torch.tensor(stream[: n_blocks * max_length], dtype=torch.long).view(n_blocks, max_length)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def _empty(shape: tuple, labels_shape: tuple) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.zeros(shape, dtype=torch.long),
+        "attention_mask": torch.zeros(shape, dtype=torch.long),
+        "labels": torch.zeros(labels_shape, dtype=torch.long),
+    }
