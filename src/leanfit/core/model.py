@@ -43,9 +43,14 @@ def spec(model: nn.Module, name: str) -> AdapterSpec:
         raise AdapterError(f"Unknown adapter '{name}'; this model has: {known}.") from None
 
 
+def task_heads(model: nn.Module) -> list[str]:
+    """The freshly initialised heads of a Hugging Face task model (e.g. `classifier`)."""
+    return [n for n in CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+
+
 def _resolve_train_modules(model: nn.Module, train_modules) -> list[str]:
     if train_modules == AUTO:
-        return [n for n in CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+        return task_heads(model)
     names = list(train_modules or [])
     for n in names:
         try:

@@ -1,0 +1,209 @@
+"""The main job: load a model and data, adapt, train, evaluate on the test split, save, report.
+
+Used by `leanfit tune` and by the benchmarks, so both measure the same code path. Besides the
+registered adapter methods it runs the two references every result is judged against: full
+fine-tuning (`full`) and a frozen linear probe (`probe`).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import core
+from .data import CAUSAL_LM, CLASSIFICATION, TextDataset, encode, from_files
+from .errors import ConfigError
+from .io import atomic_write_bytes
+from .methods import config_from_dict, module_class
+from .train import Trainer
+
+BASELINES = ("full", "probe")
+# Learning rates that work for each kind of method on the bundled tasks; --lr overrides.
+DEFAULT_LR = {"full": 5e-5, "probe": 1e-2, "ia3": 3e-3, "ssf": 3e-3, "bitfit": 3e-3, "lora-sb": 2e-3}
+ADAPTER_LR = 5e-4
+
+
+@dataclass
+class TuneConfig:
+    """Everything one run needs; a JSON file of these keys is what `leanfit tune --config` reads."""
+
+    model: str = "minilm"
+    data: str = "bbc-news"
+    method: str = "lora"
+    options: dict = field(default_factory=lambda: {"rank": 8, "alpha": 16.0})
+    targets: str | list = "all-linear"
+    exclude: list | None = None
+    epochs: int = 3
+    lr: float | None = None
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+    output: str = "out/bbc-news-lora"
+    text_column: str = "text"
+    label_column: str = "label"
+    task: str = CLASSIFICATION  # for the user's own data; zoo data sets know their task
+    checkpoint_every: int = 0
+    resume: bool = False
+    early_stopping_patience: int | None = None
+    max_train_rows: int | None = None  # a subset for quick runs
+    max_eval_rows: int | None = None  # the first N rows of validation and test (stated in the report)
+    progress: bool = True
+    name: str = "default"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TuneConfig":
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ConfigError(f"Unknown tune option {', '.join(unknown)}; valid options are {', '.join(sorted(valid))}.")
+        return cls(**data)
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, ADAPTER_LR)
+
+
+def load_data(config: TuneConfig) -> TextDataset:
+    from . import zoo
+    if config.data in zoo.DATASETS:
+        return zoo.dataset(config.data, seed=config.seed)
+    return from_files(config.data, task=config.task, text=config.text_column, label=config.label_column,
+                      seed=config.seed)
+
+
+def prepare_model(config: TuneConfig, dataset: TextDataset):
+    """(model, tokenizer) with the method applied and only what it trains left trainable."""
+    from . import zoo
+    labels = len(dataset.labels) if dataset.task == CLASSIFICATION else None
+    model, tokenizer = zoo.model(config.model, task=dataset.task, num_labels=labels, seed=config.seed)
+    if config.method == "full":
+        model.requires_grad_(True)
+    elif config.method == "probe":
+        heads = core.model.task_heads(model)
+        if not heads:
+            raise ConfigError("A linear probe needs a classification head; use a classification task.")
+        model.requires_grad_(False)
+        for head in heads:
+            model.get_submodule(head).requires_grad_(True)
+    else:
+        method = config_from_dict({"method": config.method, **config.options})
+        core.adapt(model, method, targets=config.targets, exclude=config.exclude, name=config.name)
+    return model, tokenizer
+
+
+def method_options(method: str, options: dict) -> dict:
+    """Keep only the options the method has (so one `--rank` serves LoRA and ignores IA3)."""
+    if method in BASELINES:
+        return {}
+    valid = {f.name for f in fields(module_class(method).config_class)}
+    return {k: v for k, v in options.items() if k in valid}
+
+
+def run(config: TuneConfig) -> dict:
+    """Run the job; returns the report (also written to `<output>/report.json` and `.md`)."""
+    started = time.perf_counter()
+    config.options = method_options(config.method, config.options)
+    dataset = load_data(config)
+    torch.manual_seed(config.seed)
+    model, tokenizer = prepare_model(config, dataset)
+    tensors = encode(dataset, tokenizer, max_length=config.max_length)
+    if config.max_train_rows:
+        tensors.train = {k: v[: config.max_train_rows] for k, v in tensors.train.items()}
+    if config.max_eval_rows:
+        tensors.validation = {k: v[: config.max_eval_rows] for k, v in tensors.validation.items()}
+        tensors.test = {k: v[: config.max_eval_rows] for k, v in tensors.test.items()}
+    output = Path(config.output)
+    trainer = Trainer(model, tensors, epochs=config.epochs, lr=config.learning_rate(),
+                      batch_size=config.batch_size, seed=config.seed, progress=config.progress,
+                      checkpoint_dir=_checkpoint_dir(config, output), checkpoint_every=config.checkpoint_every,
+                      resume=config.resume, early_stopping_patience=config.early_stopping_patience,
+                      metrics_path=str(output / "metrics.jsonl"))
+    before = trainer.evaluate("test") if dataset.task == CAUSAL_LM else None
+    if config.method not in BASELINES and not config.resume:
+        first = {k: v[: config.batch_size] for k, v in tensors.train.items()}
+        core.calibrate(model, first, config.name)  # LoRA-SB's gradient init; a no-op for others
+    fit = trainer.fit()
+    test = trainer.evaluate("test")
+    trainable, total = core.trainable_parameters(model)
+    report = {
+        "model": config.model, "data": config.data, "task": dataset.task, "method": config.method,
+        "options": config.options, "targets": config.targets, "seed": config.seed, "epochs": config.epochs,
+        "lr": config.learning_rate(), "batch_size": config.batch_size, "max_length": config.max_length,
+        "split_sizes": {k: int(v["input_ids"].shape[0]) for k, v in
+                        (("train", tensors.train), ("validation", tensors.validation), ("test", tensors.test))},
+        "data_info": dataset.info,
+        "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+        "test": test, "test_before": before, "validation_best": fit.best,
+        "train_wall_s": fit.wall_s, "steps": fit.steps, "stopped_early": fit.stopped_early,
+    }
+    if config.method not in BASELINES:
+        report["per_rank"] = _per_rank(model, trainer, config)
+        extra = {k: report[k] for k in ("model", "data", "task", "max_length", "test")}
+        extra.update(labels=dataset.labels, text_column=config.text_column, label_column=config.label_column)
+        core.save(model, output / "adapter", name=config.name, extra=extra)
+        report["adapter"] = str(output / "adapter")
+        report["adapter_bytes"] = (output / "adapter" / "adapter.safetensors").stat().st_size
+    report["wall_s"] = time.perf_counter() - started
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    write_report(report, output)
+    return report
+
+
+def _checkpoint_dir(config: TuneConfig, output: Path) -> str | None:
+    # Adapter checkpoints are small, so they are on by default (epoch ends); a full fine-tune's are
+    # the size of the model and its optimizer state, so only when asked for.
+    if config.method == "full" and not (config.checkpoint_every or config.resume):
+        return None
+    return str(output / "checkpoints")
+
+
+def _per_rank(model, trainer: Trainer, config: TuneConfig) -> dict | None:
+    """Test metrics at each rank of an elastic-rank adapter (DyLoRA): no retraining needed."""
+    if not module_class(config.method).capabilities.elastic_rank:
+        return None
+    results = {}
+    rank = config.options.get("rank", 8)
+    for r in sorted({1, 2, 4, rank // 2, rank} - {0}):
+        if r <= rank:
+            core.set_rank(model, r, config.name)
+            results[r] = trainer.evaluate("test")
+    core.set_rank(model, rank, config.name)
+    return results
+
+
+def write_report(report: dict, output: Path) -> None:
+    atomic_write_bytes(output / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(output / "report.md", render_markdown(report).encode())
+
+
+def headline(report: dict) -> str:
+    test = report["test"]
+    score = (f"test accuracy {100 * test['accuracy']:.2f}%" if "accuracy" in test
+             else f"test perplexity {test['perplexity']:.2f}")
+    if report.get("test_before"):
+        score += f" (before training {report['test_before']['perplexity']:.2f})"
+    return (f"{score}, trainable parameters {report['trainable_params']:,} "
+            f"({100 * report['trainable_share']:.3f}%), wall time {report['wall_s']:.0f} s")
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# {report['method']} on {report['data']} / {report['model']}", "", headline(report), "",
+             "| key | value |", "|---|---|"]
+    for key in ("method", "options", "targets", "epochs", "lr", "batch_size", "max_length", "seed",
+                "split_sizes", "trainable_params", "total_params", "train_wall_s", "wall_s", "peak_rss_mb",
+                "adapter", "adapter_bytes"):
+        if key in report:
+            value = report[key]
+            lines.append(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if report.get("per_rank"):
+        lines += ["", "| rank | test |", "|---|---|"]
+        lines += [f"| {r} | {m} |" for r, m in report["per_rank"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def as_dict(config: TuneConfig) -> dict:
+    return asdict(config)
