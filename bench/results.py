@@ -110,7 +110,7 @@ def _options(r: dict) -> str:
 
 
 def main(selected: list[str]) -> None:
-    cases = {**CASES, **CAUSAL}
+    cases = {**{k: COMMON + v for k, v in CASES.items()}, **CAUSAL}
     unknown = [s for s in selected if s not in cases]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(cases)}")

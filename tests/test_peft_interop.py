@@ -71,11 +71,7 @@ def peft_adapted(peft_model) -> set[str]:
 
 def perturb_peft(peft_model, seed=3, scale=0.05):
     """Random values for PEFT's trainable tensors: LoRA factors (B starts at zero) and modules_to_save."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
+    perturb(peft_model, seed=seed, scale=scale)
 
 
 # ---------------------------------------------------------------- leanfit -> PEFT

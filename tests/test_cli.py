@@ -1,0 +1,120 @@
+"""The `leanfit` command end to end on the real packaged MiniLM (and SmolLM2 for causal LM),
+with small subsets so the suite stays fast; and its one-sentence errors."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import leanfit as lf
+from leanfit.cli import main
+
+
+def leanfit(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "leanfit.cli", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def one_sentence_error(capsys, argv, *fragments):
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("leanfit: ") and "\n" not in err and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_bad_arguments_print_one_sentence_and_exit_2(capsys, tmp_path):
+    one_sentence_error(capsys, ["tune", "--epochs", "x"], "--epochs", "invalid int")
+    one_sentence_error(capsys, ["tune", "--method", "lorax"], "Unknown method 'lorax'", "lora")
+    one_sentence_error(capsys, ["tune", "--data", str(tmp_path / "none.csv")], "none.csv")
+    one_sentence_error(capsys, ["tune", "--set", "rank"], "KEY=VALUE")
+    one_sentence_error(capsys, ["eval", str(tmp_path)], "No leanfit adapter")
+    one_sentence_error(capsys, ["info", str(tmp_path / "x")], "No leanfit adapter")
+    one_sentence_error(capsys, ["frobnicate"], "invalid choice")
+    (tmp_path / "c.json").write_text(json.dumps({"rnak": 3}))
+    one_sentence_error(capsys, ["tune", "--config", tmp_path / "c.json"], "Unknown tune option rnak")
+
+
+def test_info_lists_every_registered_method(capsys):
+    assert main(["info", "--methods"]) == 0
+    out = capsys.readouterr().out
+    for name in lf.method_names():
+        assert name in out
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["body", "topic"])
+        writer.writerows(rows)
+
+
+@pytest.mark.integration
+def test_tune_eval_info_export_on_user_csv(tmp_path):
+    words = {"sport": "match goal team win score league", "money": "bank market shares profit price trade"}
+    rows = [(f"{words[t]} {i} " * 3, t) for i in range(30) for t in words]
+    _write_csv(tmp_path / "mine.csv", rows)
+    out = tmp_path / "run"
+    proc = leanfit("tune", "--data", tmp_path / "mine.csv", "--text-column", "body", "--label-column", "topic",
+                   "--rank", "4", "--epochs", "2", "--max-length", "32", "--batch-size", "8", "--lr", "2e-3",
+                   "--output", out, "--no-progress")
+    assert "test accuracy" in proc.stdout and "trainable parameters" in proc.stdout and "wall time" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["test"]["accuracy"] >= 0.9  # two trivially separable topics
+    assert report["trainable_share"] < 0.02
+    assert (out / "metrics.jsonl").read_text().count('"kind": "validation"') == 2
+
+    evaluated = json.loads(leanfit("eval", out / "adapter", "--data", tmp_path / "mine.csv").stdout)
+    assert evaluated["accuracy"] == pytest.approx(report["test"]["accuracy"])
+
+    info = json.loads(leanfit("info", out / "adapter").stdout)
+    assert info["method"]["rank"] == 4 and info["extra"]["labels"] == ["money", "sport"]
+
+    leanfit("export", out / "adapter", "--format", "peft", "--output", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+
+    # the exported adapter gives the same logits in the real PEFT library as ours
+    from peft import PeftModel
+    model, tok = lf.zoo.model("minilm", num_labels=2)
+    lf.load(model, out / "adapter")
+    base, _ = lf.zoo.model("minilm", num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    batch = tok(["match goal team", "bank market"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        assert torch.allclose(model.eval()(**batch).logits, peft_model(**batch).logits, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_tune_resumes_from_checkpoint(tmp_path):
+    rows = [(f"alpha beta {i}", "a") for i in range(20)] + [(f"gamma delta {i}", "b") for i in range(20)]
+    _write_csv(tmp_path / "d.csv", rows)
+    common = ["tune", "--data", tmp_path / "d.csv", "--text-column", "body", "--label-column", "topic",
+              "--max-length", "16", "--batch-size", "4", "--epochs", "2", "--no-progress", "--rank", "2"]
+    leanfit(*common, "--output", tmp_path / "a")
+    leanfit(*common, "--output", tmp_path / "a", "--resume")  # resumes from the final checkpoint: no steps left
+    first = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert first["steps"] > 0
+    model, _ = lf.zoo.model("minilm", num_labels=2)
+    lf.load(model, tmp_path / "a" / "adapter")
+
+
+@pytest.mark.integration
+def test_tune_causal_lm_on_user_text_with_smollm2(tmp_path):
+    text = "\n\n".join(f"The cat number {i} sat on the mat and looked at the moon." for i in range(60))
+    (tmp_path / "story.txt").write_text(text)
+    out = tmp_path / "lm"
+    proc = leanfit("tune", "--model", "smollm2-135m", "--data", tmp_path / "story.txt", "--task", "causal-lm",
+                   "--targets", "q_proj,v_proj", "--rank", "4", "--epochs", "1", "--max-length", "32",
+                   "--batch-size", "4", "--max-train-rows", "8", "--lr", "1e-3", "--output", out, "--no-progress")
+    assert "test perplexity" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["test"]["perplexity"] < report["test_before"]["perplexity"]
+    manifest = lf.core.read_manifest(out / "adapter")
+    assert all(t.endswith(("q_proj", "v_proj")) for t in manifest["targets"]) and len(manifest["targets"]) == 60
