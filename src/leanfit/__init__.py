@@ -9,8 +9,8 @@ from .core import (activate, active, adapt, adapters, calibrate, deactivate, del
                    fingerprint, load, merge, save, set_rank, set_trainable, trainable_parameters,
                    unmerge, unwrap)
 from .errors import LeanfitError
-from .methods import (SSF, BitFit, Bottleneck, DyLoRA, IA3, LoRA, LoRASB, MethodConfig, config_from_dict,
-                      method_names)
+from .methods import (HUT, IA3, S2FT, SFT, SSF, WHT, BitFit, Bone, Bottleneck, Compacter, DyLoRA, Hydra, LoRA,
+                      LoRASB, MethodConfig, MoS, PaCA, config_from_dict, method_names)
 
 __version__ = "0.1.0"
 
