@@ -33,11 +33,12 @@ def split_size(split: dict[str, torch.Tensor]) -> int:
 
 
 def evaluate_split(
-    model: torch.nn.Module, split: dict[str, torch.Tensor], task: str, batch_size: int
+    model: torch.nn.Module, split: dict[str, torch.Tensor], task: str, batch_size: int, on_batch=None
 ) -> dict[str, float]:
     """Metrics of `model` on one split: classification -> accuracy, loss; causal LM -> loss, perplexity.
 
     Runs in eval mode under `torch.inference_mode`, then puts the model back in the mode it was in.
+    `on_batch(index)`, if given, is told the rows of each batch before its forward pass (prefix cache).
     """
     if task not in (CLASSIFICATION, CAUSAL_LM):
         raise ConfigError(f"task {task!r} is unknown; use {CLASSIFICATION!r} or {CAUSAL_LM!r}.")
@@ -53,6 +54,8 @@ def evaluate_split(
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(start + batch_size, n))
                 batch = batch_at(split, index, device)
+                if on_batch is not None:
+                    on_batch(index)
                 logits = model(**batch).logits.float()
                 labels = batch["labels"]
                 if task == CLASSIFICATION:

@@ -21,6 +21,7 @@ from leanfit.errors import ConfigError, DataError, TrainingError
 from leanfit.train.checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_state,
                                       save_checkpoint)
 from leanfit.train.metrics import MetricsLog, batch_at, evaluate_split, split_size
+from leanfit.train.policy import LeanPolicy
 from leanfit.train.progress import TrainProgress
 from leanfit.train.schedule import SCHEDULES, make_scheduler
 
@@ -48,6 +49,12 @@ class TrainConfig:
     progress: bool = True
     max_steps: int | None = None
     grad_accum: int = 1
+    # Lean training (train/policy.py): frozen prefix "off" | "eval" (no dropout below the lowest
+    # trainable block) | "cache" (eval, and its output computed once); LISA; gradient checkpointing.
+    prefix: str = "off"
+    lisa_layers: int | None = None
+    lisa_period: int = 20
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -126,6 +133,7 @@ class Trainer:
         self.total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
         self.trainable: list[tuple[str, torch.nn.Parameter]] = []  # fixed when fit() starts
         self.optimizer: torch.optim.Optimizer | None = None
+        self.policy: LeanPolicy | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.monitor = "accuracy" if self.task == CLASSIFICATION else "loss"  # higher / lower is better
         self.state = LoopState()
@@ -138,7 +146,15 @@ class Trainer:
         """Classification: {"accuracy", "loss"}; causal LM: {"loss", "perplexity"} (token-weighted)."""
         if split not in ("train", "validation", "test"):
             raise ConfigError(f"split {split!r} is unknown; use 'train', 'validation' or 'test'.")
-        return evaluate_split(self.model, self.data.split(split), self.task, self.config.eval_batch_size)
+        policy = self.policy
+        if policy is None:
+            return evaluate_split(self.model, self.data.split(split), self.task, self.config.eval_batch_size)
+        try:
+            with policy.active():
+                return evaluate_split(self.model, self.data.split(split), self.task, self.config.eval_batch_size,
+                                      lambda index: policy.before_forward(split, index))
+        finally:
+            policy.train_mode()
 
     def fit(self) -> FitResult:
         """Train to the end (or an early stop); with resume=True, go on from the latest checkpoint."""
@@ -152,7 +168,8 @@ class Trainer:
         self._metrics = MetricsLog(cfg.metrics_path, self.state.step if resume_from is not None else None)
         st = self.state
         self.model.train()
-        with TrainProgress(self.total_steps, st.step, cfg.progress, cfg.epochs) as bar:
+        self.policy.train_mode()
+        with self.policy.active(), TrainProgress(self.total_steps, st.step, cfg.progress, cfg.epochs) as bar:
             while st.epoch < cfg.epochs and st.step < self.total_steps and not st.stopped_early:
                 self._train_epoch(bar)
                 if st.batch_in_epoch < self.batches_per_epoch:
@@ -185,6 +202,14 @@ class Trainer:
             raise ConfigError("early stopping needs a validation split; add one or set early_stopping_patience=None.")
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
+        self.policy = LeanPolicy(self.model, cfg.prefix, cfg.lisa_layers, cfg.lisa_period,
+                                 cfg.gradient_checkpointing, cfg.seed)
+        self.policy.start(self.data, cfg.eval_batch_size, cfg.checkpoint_dir)
+
+    def close(self) -> None:
+        """Free the prefix cache (evaluation then runs the whole model again)."""
+        if self.policy is not None:
+            self.policy.close()
 
     def _train_epoch(self, bar: TrainProgress) -> None:
         cfg, st = self.config, self.state
@@ -209,7 +234,9 @@ class Trainer:
     def _optimizer_step(self, group: tuple[torch.Tensor, ...]) -> tuple[float, float]:
         """Forward/backward over the micro-batches of `group`, clip, step. Returns (mean loss, lr used)."""
         total = 0.0
+        self.policy.before_step(self.state.step)
         for index in group:
+            self.policy.before_forward("train", index)
             loss = self.model(**batch_at(self.data.train, index, self.device)).loss
             value = loss.item()
             if not math.isfinite(value):

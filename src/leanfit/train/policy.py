@@ -1,0 +1,88 @@
+"""Lean-training policies the trainer applies: frozen-prefix eval mode and cache, LISA layer
+sampling, gradient checkpointing. Partial back-propagation needs no code: autograd records nothing
+below the lowest module with a trainable parameter, as long as nothing there asks for input
+gradients, which leanfit never does (HF's `enable_input_require_grads` would).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .layers import LISA
+from .prefix_cache import PrefixCache
+
+PREFIX_MODES = ("off", "eval", "cache")
+
+
+class LeanPolicy:
+    def __init__(self, model: nn.Module, prefix: str = "off", lisa_layers: int | None = None,
+                 lisa_period: int = 20, gradient_checkpointing: bool = False, seed: int = 0):
+        if prefix not in PREFIX_MODES:
+            raise ConfigError(f"prefix must be one of {', '.join(PREFIX_MODES)}, got {prefix!r}.")
+        self.model, self.prefix = model, prefix
+        self.lisa = LISA(model, lisa_layers, lisa_period, seed) if lisa_layers else None
+        self.gradient_checkpointing = gradient_checkpointing
+        self.cache: PrefixCache | None = None
+        self.plan = None
+        self._depth = 0
+        self.info: dict = {"prefix": prefix}
+
+    def start(self, data, eval_batch_size: int, spill_dir: str | None = None) -> None:
+        """Decide the frozen prefix and, in cache mode, compute it for every split once."""
+        if self.gradient_checkpointing:
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers 5's name
+            if enable is None:
+                raise ConfigError("gradient checkpointing needs a Hugging Face model; turn it off for this one.")
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if self.prefix == "off":
+            return
+        device = next(self.model.parameters()).device
+        sample = {k: v[:2].to(device) for k, v in data.train.items() if k in ("input_ids", "attention_mask")}
+        self.plan = PrefixCache.plan(self.model, sample)
+        self.info["boundary"] = self.plan.boundary if self.plan else None
+        if self.plan is None or self.prefix != "cache":
+            return
+        self.cache = PrefixCache(self.model, self.plan)
+        splits = {"train": data.train, "validation": data.validation, "test": data.test}
+        self.cache.build(splits, eval_batch_size, spill_dir)
+        self.info["cache_bytes"] = self.cache.nbytes()
+
+    @contextmanager
+    def active(self):
+        """Replay the cache inside the block only, so the model outside the trainer is untouched."""
+        if self.cache is None or self._depth:  # evaluation inside fit: already replaying
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self.cache.attach()
+        self._depth = 1
+        try:
+            yield
+        finally:
+            self._depth = 0
+            self.cache.detach()
+
+    def train_mode(self) -> None:
+        """After `model.train()`: the frozen prefix stays in eval mode (no dropout below it)."""
+        if self.plan is not None:
+            for module in self.plan.prefix:
+                module.eval()
+
+    def before_forward(self, split: str, index: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.select(split, index)
+
+    def before_step(self, step: int) -> None:
+        if self.lisa is not None:
+            self.lisa.before_step(step)
+
+    def close(self) -> None:
+        """Free the cache."""
+        self.cache = None

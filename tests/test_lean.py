@@ -1,0 +1,148 @@
+"""Lean training on tiny random transformers: cached frozen prefix (identical losses), partial
+back-propagation, top-k layer selection, LISA sampling, gradient checkpointing."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import leanfit as lf
+from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, TensorSplits
+from leanfit.train import Trainer
+from leanfit.train.layers import LISA, below_top_k, lowest_trainable_block, transformer_blocks
+from leanfit.train.prefix_cache import PrefixCache
+
+
+def tiny_bert(seed=0, layers=4):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(config)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def splits(task, n=(40, 8, 8), seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(rows):
+        ids = torch.randint(1, 100, (rows, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[: rows // 2, seq - 3:] = 0  # some padding, so masks matter
+        labels = torch.randint(0, 3, (rows,), generator=g) if task == CLASSIFICATION else ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return TensorSplits(task, make(n[0]), make(n[1]), make(n[2]))
+
+
+def adapted(build, top_k=1, method=None):
+    model = build()
+    lf.adapt(model, method or lf.LoRA(rank=4, dropout=0.1), targets="all-linear", exclude=below_top_k(model, top_k))
+    return model
+
+
+def run(model, data, **options):
+    trainer = Trainer(model, data, epochs=2, batch_size=8, lr=5e-3, progress=False, log_every=1, **options)
+    trainer.fit()
+    losses = [r["values"]["loss"] for r in trainer.state.history if r["kind"] == "train"]
+    return trainer, losses
+
+
+@pytest.mark.parametrize("build,task", [(tiny_bert, CLASSIFICATION), (tiny_llama, CAUSAL_LM)], ids=["bert", "llama"])
+def test_cached_prefix_gives_the_same_losses_as_running_it(build, task):
+    data = splits(task)
+    plain, plain_losses = run(adapted(build), data, prefix="eval")
+    cached, cached_losses = run(adapted(build), data, prefix="cache")
+    assert cached.policy.info["boundary"] == 3 and cached.policy.info["cache_bytes"] == 56 * 12 * 32 * 4
+    assert cached_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6)
+    for (n, p), (_, q) in zip(plain.trainable, cached.trainable):
+        assert torch.allclose(p, q, atol=1e-5), n
+    assert cached.evaluate("test") == pytest.approx(plain.evaluate("test"), rel=1e-5)
+
+
+def test_model_is_untouched_outside_the_trainer():
+    data = splits(CLASSIFICATION)
+    model = adapted(tiny_bert)
+    trainer, _ = run(model, data, prefix="cache")
+    inside = trainer.evaluate("test")
+    model.eval()
+    with torch.inference_mode():
+        logits = model(input_ids=data.test["input_ids"], attention_mask=data.test["attention_mask"]).logits
+    outside = torch.nn.functional.cross_entropy(logits, data.test["labels"]).item()
+    assert outside == pytest.approx(inside["loss"], rel=1e-5)
+
+
+def test_no_cache_where_a_low_layer_or_the_embeddings_train():
+    data = splits(CLASSIFICATION)
+    sample = {k: v[:2] for k, v in data.train.items() if k != "labels"}
+    everywhere = tiny_bert()
+    lf.adapt(everywhere, lf.LoRA(rank=2), targets="all-linear")
+    assert lowest_trainable_block(everywhere) == 0 and PrefixCache.plan(everywhere, sample) is None
+    embeddings = adapted(tiny_bert)
+    embeddings.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+    assert PrefixCache.plan(embeddings, sample) is None
+    trainer, _ = run(embeddings, data, prefix="cache")
+    assert trainer.policy.cache is None  # fell back to running the prefix
+
+
+def test_backward_stops_at_the_lowest_trainable_block():
+    model = adapted(tiny_bert, top_k=2)
+    blocks = transformer_blocks(model)[1]
+    graph = {}
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda m, a, out, i=i: graph.__setitem__(i, out.grad_fn is not None))
+    data = splits(CLASSIFICATION)
+    model.train()
+    model(**{k: v[:4] for k, v in data.train.items()}).loss.backward()
+    assert graph == {0: False, 1: False, 2: True, 3: True}  # nothing recorded (or stored) below block 2
+    assert all(p.grad is None for p in blocks[1].parameters())
+
+
+def test_top_k_selection_adapts_only_the_top_blocks():
+    model = adapted(tiny_bert, top_k=1)
+    targets = lf.adapters(model)["default"].targets
+    assert all(".layer.3." in t or t.startswith("bert.pooler") for t in targets)
+    assert "bert.pooler.dense" in targets
+    with pytest.raises(lf.errors.ConfigError, match="between 1 and 4"):
+        below_top_k(model, 5)
+
+
+def test_lisa_trains_only_sampled_blocks_and_resamples_deterministically():
+    model = adapted(tiny_bert, top_k=4)
+    lisa = LISA(model, layers=1, period=2, seed=0)
+    first = lisa.sample(0)
+    assert len(first) == 1
+    trainable_blocks = [i for i, b in enumerate(lisa.blocks) if any(p.requires_grad for p in b.parameters())]
+    assert trainable_blocks == first
+    assert model.classifier.weight.requires_grad  # the head always trains
+    draws = [tuple(lisa.sample(p)) for p in range(12)]
+    assert len(set(draws)) > 1 and draws == [tuple(LISA(model, 1, 2, seed=0).sample(p)) for p in range(12)]
+
+
+def test_lisa_run_is_resumable_and_changes_only_sampled_layers(tmp_path):
+    data = splits(CLASSIFICATION)
+    base = adapted(tiny_bert, top_k=4)
+    before = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
+    trainer = Trainer(base, data, epochs=1, batch_size=8, lr=5e-3, progress=False, lisa_layers=1, lisa_period=10)
+    trainer.fit()  # 5 steps, one period: one block (and the head) moved
+    moved = {n.split(".layer.")[1].split(".")[0] for n, p in base.named_parameters()
+             if n in before and ".layer." in n and not torch.equal(p, before[n])}
+    assert len(moved) == 1
+
+
+def test_gradient_checkpointing_gives_the_same_losses():
+    data = splits(CLASSIFICATION)
+    _, plain = run(adapted(tiny_bert, top_k=4, method=lf.LoRA(rank=4)), data)
+    _, checkpointed = run(adapted(tiny_bert, top_k=4, method=lf.LoRA(rank=4)), data, gradient_checkpointing=True)
+    assert checkpointed == pytest.approx(plain, rel=1e-5)
+
+
+def test_bad_policy_options_say_what_is_wrong():
+    with pytest.raises(lf.errors.ConfigError, match="prefix must be one of"):
+        Trainer(adapted(tiny_bert), splits(CLASSIFICATION), prefix="always", progress=False).fit()
+    with pytest.raises(lf.errors.ConfigError, match="LISA layers"):
+        Trainer(adapted(tiny_bert), splits(CLASSIFICATION), lisa_layers=9, progress=False).fit()
