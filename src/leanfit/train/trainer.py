@@ -21,6 +21,7 @@ from leanfit.errors import ConfigError, DataError, TrainingError
 from leanfit.train.checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_state,
                                       save_checkpoint)
 from leanfit.train.metrics import MetricsLog, batch_at, evaluate_split, split_size
+from leanfit.train import distributed
 from leanfit.train.policy import LeanPolicy
 from leanfit.train.progress import TrainProgress
 from leanfit.train.schedule import SCHEDULES, make_scheduler
@@ -134,6 +135,7 @@ class Trainer:
         self.trainable: list[tuple[str, torch.nn.Parameter]] = []  # fixed when fit() starts
         self.optimizer: torch.optim.Optimizer | None = None
         self.policy: LeanPolicy | None = None
+        self.world = distributed.world()[1]
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.monitor = "accuracy" if self.task == CLASSIFICATION else "loss"  # higher / lower is better
         self.state = LoopState()
@@ -165,7 +167,8 @@ class Trainer:
         resume_from = latest_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if resume_from is not None:
             self._restore(resume_from)
-        self._metrics = MetricsLog(cfg.metrics_path, self.state.step if resume_from is not None else None)
+        self._metrics = MetricsLog(cfg.metrics_path if distributed.is_main() else None,
+                                   self.state.step if resume_from is not None else None)
         st = self.state
         self.model.train()
         self.policy.train_mode()
@@ -235,14 +238,21 @@ class Trainer:
         """Forward/backward over the micro-batches of `group`, clip, step. Returns (mean loss, lr used)."""
         total = 0.0
         self.policy.before_step(self.state.step)
+        lm = self.task != CLASSIFICATION
         for index in group:
-            self.policy.before_forward("train", index)
-            loss = self.model(**batch_at(self.data.train, index, self.device)).loss
-            value = loss.item()
+            local = distributed.shard(index)  # all rows when not distributed
+            self.policy.before_forward("train", local)
+            mine = batch_at(self.data.train, local, self.device)
+            # Weight this process's mean loss by its share, so averaged gradients equal one process's.
+            everyone = distributed.predicted({"labels": self.data.train["labels"][index]}, lm)
+            share = distributed.predicted(mine, lm) * self.world / max(everyone, 1)
+            loss = self.model(**mine).loss
+            value = distributed.global_sum(loss.item() * share / self.world, self.device)
             if not math.isfinite(value):
                 self._diverged("the loss", value)
-            (loss / len(group)).backward()
+            (loss * share / len(group)).backward()
             total += value / len(group)
+        distributed.average_gradients([p for _, p in self.trainable])
         if self.config.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], self.config.max_grad_norm)
             if not math.isfinite(norm.item()):
@@ -293,7 +303,8 @@ class Trainer:
 
     def _save(self) -> None:
         """Checkpoint the run as it stands between two optimizer steps (if there is a checkpoint_dir)."""
-        if self.config.checkpoint_dir is None:
+        if self.config.checkpoint_dir is None or not distributed.is_main():
+            self._saved_step = self.state.step
             return
         state = {
             "loop": asdict(self.state),
