@@ -60,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
     t.add_argument("--early-stopping", dest="early_stopping_patience", type=int, metavar="PATIENCE")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    lean = t.add_argument_group("lean training")
+    lean.add_argument("--train-layers", dest="train_layers", metavar="K",
+                      help="adapt only the top K blocks (the rest is a frozen prefix); 'auto' (default): the top "
+                           "third; 'all': every block")
+    lean.add_argument("--prefix", choices=["off", "eval", "cache"],
+                      help="frozen prefix: off, eval (no dropout below the trained blocks), cache (computed once)")
+    lean.add_argument("--lisa-layers", dest="lisa_layers", type=int, metavar="N", help="LISA: train N sampled blocks")
+    lean.add_argument("--lisa-period", dest="lisa_period", type=int, metavar="STEPS")
+    lean.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
+    lean.add_argument("--int8-base", dest="int8_base", action="store_true", default=None,
+                      help="store the frozen base's linear weights in int8")
 
     e = sub.add_parser("eval", help="evaluate a saved adapter on a data split")
     e.add_argument("adapter", help="adapter directory written by `leanfit tune`")
@@ -92,7 +103,8 @@ def _tune_config(args: argparse.Namespace):
     config = TuneConfig.from_dict(base)
     for key in ("model", "data", "task", "text_column", "label_column", "method", "epochs", "lr", "batch_size",
                 "max_length", "max_train_rows", "max_eval_rows", "seed", "output", "checkpoint_every", "resume",
-                "early_stopping_patience", "progress"):
+                "early_stopping_patience", "progress", "train_layers", "prefix", "lisa_layers", "lisa_period",
+                "gradient_checkpointing", "int8_base"):
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
@@ -114,9 +126,13 @@ def _tune_config(args: argparse.Namespace):
 
 
 def _tune(args) -> int:
+    from .train import distributed
     from .tune import headline, run
     config = _tune_config(args)
+    distributed.init_from_env()  # under torchrun: join the process group
     report = run(config)
+    if not distributed.is_main():
+        return 0
     print(headline(report))
     print(f"adapter and report written to {config.output}")
     return 0

@@ -8,6 +8,7 @@ fine-tuning (`full`) and a frozen linear probe (`probe`).
 from __future__ import annotations
 
 import json
+import re
 import resource
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -20,12 +21,15 @@ from .data import CAUSAL_LM, CLASSIFICATION, TextDataset, encode, from_files
 from .errors import ConfigError
 from .io import atomic_write_bytes
 from .methods import config_from_dict, module_class
-from .train import Trainer
+from .core.quantize import quantize_base
+from .train import Trainer, distributed
+from .train.layers import below_top_k, transformer_blocks
 
 BASELINES = ("full", "probe")
 # Learning rates that work for each kind of method on the bundled tasks; --lr overrides.
 DEFAULT_LR = {"full": 5e-5, "probe": 1e-2, "ia3": 3e-3, "ssf": 3e-3, "bitfit": 3e-3, "lora-sb": 2e-3}
 ADAPTER_LR = 5e-4
+TOP_K_LR = 1e-3
 
 
 @dataclass
@@ -54,6 +58,14 @@ class TuneConfig:
     max_eval_rows: int | None = None  # the first N rows of validation and test (stated in the report)
     progress: bool = True
     name: str = "default"
+    # Lean training (see docs/lean-training.md): adapt only the top-k blocks; the frozen prefix
+    # below them "off" | "eval" | "cache"; LISA sampling; gradient checkpointing; int8 frozen base.
+    train_layers: int | str | None = "auto"  # "auto": the top third of the blocks; None / "all": every block
+    prefix: str = "cache"
+    lisa_layers: int | None = None
+    lisa_period: int = 20
+    gradient_checkpointing: bool = False
+    int8_base: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneConfig":
@@ -64,7 +76,12 @@ class TuneConfig:
         return cls(**data)
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, ADAPTER_LR)
+        if self.lr is not None:
+            return self.lr
+        if self.method in DEFAULT_LR:
+            return DEFAULT_LR[self.method]
+        # Fewer adapted blocks learn best with a larger step (measured on bbc-news: docs/lean-training.md).
+        return TOP_K_LR if self.train_layers not in (None, "all") else ADAPTER_LR
 
 
 def load_data(config: TuneConfig) -> TextDataset:
@@ -91,8 +108,35 @@ def prepare_model(config: TuneConfig, dataset: TextDataset):
             model.get_submodule(head).requires_grad_(True)
     else:
         method = config_from_dict({"method": config.method, **config.options})
-        core.adapt(model, method, targets=config.targets, exclude=config.exclude, name=config.name)
+        core.adapt(model, method, targets=config.targets, exclude=_exclude(model, config), name=config.name)
+    if config.int8_base:
+        quantize_base(model)
     return model, tokenizer
+
+
+def top_layers(model, train_layers) -> int | None:
+    """How many top blocks to adapt: "auto" is the top third (rounded up); None / "all": every block."""
+    if train_layers in (None, "all"):
+        return None
+    found = transformer_blocks(model)
+    if train_layers == "auto":
+        return None if found is None else max(1, -(-len(found[1]) // 3))
+    try:
+        return int(train_layers)
+    except (TypeError, ValueError):
+        raise ConfigError(f"train_layers must be a number of blocks, 'auto' or 'all', got {train_layers!r}.") from None
+
+
+def _exclude(model, config: TuneConfig):
+    """The user's exclude list, plus the blocks below the top `train_layers` ones, as one pattern."""
+    k = top_layers(model, config.train_layers)
+    if k is None:
+        return config.exclude
+    names = config.exclude or []
+    if isinstance(names, str):
+        names = [names]
+    parts = [below_top_k(model, k)] + [rf"(?:.*\.)?{re.escape(n)}" for n in names]
+    return "|".join(f"(?:{p})" for p in parts)
 
 
 def method_options(method: str, options: dict) -> dict:
@@ -121,7 +165,9 @@ def run(config: TuneConfig) -> dict:
                       batch_size=config.batch_size, seed=config.seed, progress=config.progress,
                       checkpoint_dir=_checkpoint_dir(config, output), checkpoint_every=config.checkpoint_every,
                       resume=config.resume, early_stopping_patience=config.early_stopping_patience,
-                      metrics_path=str(output / "metrics.jsonl"))
+                      metrics_path=str(output / "metrics.jsonl"), prefix=config.prefix,
+                      lisa_layers=config.lisa_layers, lisa_period=config.lisa_period,
+                      gradient_checkpointing=config.gradient_checkpointing)
     before = trainer.evaluate("test") if dataset.task == CAUSAL_LM else None
     if config.method not in BASELINES and not config.resume:
         first = {k: v[: config.batch_size] for k, v in tensors.train.items()}
@@ -139,7 +185,12 @@ def run(config: TuneConfig) -> dict:
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "test": test, "test_before": before, "validation_best": fit.best,
         "train_wall_s": fit.wall_s, "steps": fit.steps, "stopped_early": fit.stopped_early,
+        "policy": {"train_layers": top_layers(model, config.train_layers) if config.method not in BASELINES else None, "lisa_layers": config.lisa_layers,
+                   "gradient_checkpointing": config.gradient_checkpointing, "int8_base": config.int8_base,
+                   **(trainer.policy.info if trainer.policy else {})},
     }
+    if not distributed.is_main():  # rank 0 writes the adapter and the report
+        return report
     if config.method not in BASELINES:
         report["per_rank"] = _per_rank(model, trainer, config)
         extra = {k: report[k] for k in ("model", "data", "task", "max_length", "test")}

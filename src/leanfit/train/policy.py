@@ -47,8 +47,20 @@ class LeanPolicy:
         if self.plan is None or self.prefix != "cache":
             return
         self.cache = PrefixCache(self.model, self.plan)
-        splits = {"train": data.train, "validation": data.validation, "test": data.test}
-        self.cache.build(splits, eval_batch_size, spill_dir)
+        self._splits = {"train": data.train, "validation": data.validation, "test": data.test}
+        self._build_args = (eval_batch_size, spill_dir)
+        self.ensure("train")
+
+    def ensure(self, split: str) -> None:
+        """Compute a split's prefix on first use (the test split's only if it is evaluated)."""
+        if self.cache is None or self.cache.has(split) or len(self._splits[split]["input_ids"]) == 0:
+            return
+        attached = self.cache.attached
+        if attached:
+            self.cache.detach()
+        self.cache.build({split: self._splits[split]}, *self._build_args)
+        if attached:
+            self.cache.attach()
         self.info["cache_bytes"] = self.cache.nbytes()
 
     @contextmanager

@@ -99,6 +99,8 @@ class PrefixCache:
 
     def build(self, splits: dict[str, dict], batch_size: int, spill_dir: str | None = None) -> None:
         """Run the prefix once over every row of `splits` and keep block k-1's output."""
+        if self._handles:  # the replay hooks would feed the cache to itself
+            raise RuntimeError("build the prefix cache while it is detached")
         model, plan = self.model, self.plan
         device = next(model.parameters()).device
         was_training = model.training
@@ -145,6 +147,13 @@ class PrefixCache:
     def select(self, split: str, index: torch.Tensor) -> None:
         """The rows the next forward pass computes."""
         self.split, self.rows = split, index
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def has(self, split: str) -> bool:
+        return split in self.store
 
     def prefix_eval(self) -> None:
         """Keep the frozen prefix in eval mode (call after every `model.train()`)."""

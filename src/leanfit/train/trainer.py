@@ -152,6 +152,7 @@ class Trainer:
         if policy is None:
             return evaluate_split(self.model, self.data.split(split), self.task, self.config.eval_batch_size)
         try:
+            policy.ensure(split)
             with policy.active():
                 return evaluate_split(self.model, self.data.split(split), self.task, self.config.eval_batch_size,
                                       lambda index: policy.before_forward(split, index))

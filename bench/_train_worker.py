@@ -1,0 +1,125 @@
+"""One training run for bench/train_speed.py, in its own process so its peak RSS is its own.
+
+    python bench/_train_worker.py CONTENDER TASK OUT.json
+CONTENDER: peft (Hugging Face PEFT LoRA, a plain PyTorch loop as in shared/anchors/peft_bbc_news.py)
+           | leanfit (leanfit tune's default policy) | leanfit-all (leanfit, LoRA on every layer, no policy)
+TASK: bbc (MiniLM, bbc-news) | austen (SmolLM2-135M, Austen subset)
+Both contenders get the same tokenised rows (leanfit's split), model, batch, length, epochs and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+
+import torch
+
+import leanfit as lf
+from leanfit.data import encode
+from leanfit.train import Trainer
+
+TASKS = {
+    "bbc": dict(model="minilm", data="bbc-news", max_length=128, batch_size=32, epochs=3,
+                peft_targets=["query", "key", "value", "dense"], task_type="SEQ_CLS"),
+    "austen": dict(model="smollm2-135m", data="austen", max_length=128, batch_size=8, epochs=1,
+                   train_rows=512, eval_rows=128,
+                   peft_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                   task_type="CAUSAL_LM"),
+}
+
+
+def load(task: dict):
+    dataset = lf.zoo.dataset(task["data"], seed=0)
+    labels = len(dataset.labels) if dataset.labels else None
+    model, tokenizer = lf.zoo.model(task["model"], task=dataset.task, num_labels=labels, seed=0)
+    return dataset, model, tokenizer
+
+
+def subset(data, task):
+    if task.get("train_rows"):
+        data.train = {k: v[: task["train_rows"]] for k, v in data.train.items()}
+    if task.get("eval_rows"):
+        data.validation = {k: v[: task["eval_rows"]] for k, v in data.validation.items()}
+        data.test = {k: v[: task["eval_rows"]] for k, v in data.test.items()}
+    return data
+
+
+def run_peft(task, dataset, model, tokenizer) -> dict:
+    from peft import LoraConfig, get_peft_model
+    started = time.perf_counter()
+    data = subset(encode(dataset, tokenizer, max_length=task["max_length"]), task)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=task["peft_targets"],
+                                             task_type=task["task_type"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-4)
+    x = data.train
+    n, epochs = len(x["input_ids"]), []
+    for epoch in range(task["epochs"]):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, n, task["batch_size"]):
+            idx = order[i: i + task["batch_size"]]
+            loss = model(**{k: v[idx] for k, v in x.items()}).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        epochs.append(time.perf_counter() - t0)
+    train_s = time.perf_counter() - started
+    test = Trainer(model, data, progress=False).evaluate("test")
+    trainable = sum(p.numel() for p in params)
+    return {"train_s": train_s, "epoch_s": epochs, "test": test, "trainable": trainable,
+            "tokens": n * task["max_length"] * task["epochs"]}
+
+
+def run_leanfit(task, dataset, model, tokenizer, policy: dict) -> dict:
+    started = time.perf_counter()
+    data = subset(encode(dataset, tokenizer, max_length=task["max_length"]), task)
+    from leanfit.train.layers import below_top_k
+    exclude = below_top_k(model, policy["train_layers"]) if policy.get("train_layers") else None
+    lf.adapt(model, lf.LoRA(rank=8, alpha=16), targets="all-linear", exclude=exclude)
+    epochs = []
+    last = [time.perf_counter()]
+
+    def on_step(trainer, step):
+        if step % trainer.steps_per_epoch == 0:
+            epochs.append(time.perf_counter() - last[0])
+            last[0] = time.perf_counter()
+
+    trainer = Trainer(model, data, epochs=task["epochs"], batch_size=task["batch_size"], lr=policy["lr"] or 5e-4,
+                      schedule=policy.get("schedule", "linear"), prefix=policy.get("prefix", "off"),
+                      progress=False, on_step=on_step)
+    trainer.fit()
+    train_s = time.perf_counter() - started
+    test = trainer.evaluate("test")
+    trainable, _ = lf.trainable_parameters(model)
+    n = len(data.train["input_ids"])
+    return {"train_s": train_s, "epoch_s": epochs, "test": test, "trainable": trainable,
+            "tokens": n * task["max_length"] * task["epochs"], "policy": trainer.policy.info}
+
+
+def main() -> None:
+    contender, task_name, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    policy = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    torch.set_num_threads(torch.get_num_threads())
+    torch.manual_seed(0)
+    task = TASKS[task_name]
+    dataset, model, tokenizer = load(task)
+    torch.manual_seed(0)
+    if contender == "peft":
+        result = run_peft(task, dataset, model, tokenizer)
+    else:
+        result = run_leanfit(task, dataset, model, tokenizer, policy)
+    result.update(contender=contender, task=task_name, threads=torch.get_num_threads(),
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if "perplexity" in result["test"] and not math.isfinite(result["test"]["perplexity"]):
+        result["test"]["perplexity"] = None
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

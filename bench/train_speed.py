@@ -1,0 +1,127 @@
+"""Issue 6: leanfit's trainer against Hugging Face PEFT on the same task, side by side.
+
+Each contender trains in its own process (for its own peak RSS), alternating peft, leanfit, peft,
+leanfit ... for REPS rounds; medians and min-max are reported. Same tokenised rows (leanfit's
+de-duplicated, stratified split, seed 0), model, batch, sequence length, epochs and thread count.
+Total training time covers tokenising, building the adapter, the prefix cache and the training loop
+(and, for leanfit, its per-epoch validation); it excludes model loading and the test evaluation.
+
+    .venv/bin/python bench/train_speed.py [bbc] [austen] [--reps N]
+Writes docs/benchmarks/train_speed.md and .json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import environment  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks"
+# leanfit's policy per task: what `leanfit tune` picks by default (see docs/lean-training.md).
+POLICIES = {
+    "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3},
+            "leanfit-all": {"train_layers": None, "prefix": "off", "lr": 5e-4}},
+    "austen": {"leanfit": {"train_layers": 10, "prefix": "cache", "lr": 1e-3}},
+}
+
+
+def run(contender: str, task: str, policy: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        worker = "peft" if contender == "peft" else "leanfit"
+        cmd = [sys.executable, str(ROOT / "bench" / "_train_worker.py"), worker, task, str(out), json.dumps(policy)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{contender} on {task} failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(out.read_text())
+    result["contender"] = contender
+    print(f"{task} {contender}: train {result['train_s']:.0f} s, RSS {result['peak_rss_mb']:.0f} MB, "
+          f"test {result['test']}", flush=True)
+    return result
+
+
+def summary(runs: list[dict]) -> dict:
+    def stat(values):
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    first = runs[0]
+    metric = "accuracy" if "accuracy" in first["test"] else "perplexity"
+    return {"train_s": stat([r["train_s"] for r in runs]), "peak_rss_mb": stat([r["peak_rss_mb"] for r in runs]),
+            "epoch_s": stat([statistics.median(r["epoch_s"]) for r in runs if r["epoch_s"]] or [0.0]),
+            "tokens_per_s": stat([r["tokens"] / r["train_s"] for r in runs]),
+            metric: stat([r["test"][metric] for r in runs]), "trainable": first["trainable"],
+            "policy": first.get("policy")}
+
+
+def render(results: dict) -> str:
+    env = results["environment"]
+    lines = ["# Lean training: leanfit against Hugging Face PEFT", "",
+             f"Produced by `bench/train_speed.py` on {env['cpu']} ({env['threads']} threads, torch {env['torch']}, "
+             f"peft {results.get('peft_version')}). Each contender runs in its own process, alternating, "
+             f"{results['reps']} rounds; medians with min-max. Training time includes tokenising, adapter "
+             "set-up, the prefix cache and the loop (leanfit's includes its per-epoch validation); it "
+             "excludes model loading and test evaluation.", ""]
+    for task, block in results["tasks"].items():
+        s = block["summary"]
+        metric = "accuracy" if "accuracy" in s["peft"] else "perplexity"
+        lines += [f"## {block['title']}", "", block["setup"], "",
+                  f"| contender | policy | trainable | train s | s / epoch | tokens/s | peak RSS MB | test {metric} |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in s.items():
+            m = r[metric]
+            shown = (f"{100 * m['median']:.2f}%" if metric == "accuracy" else f"{m['median']:.2f}")
+            lines.append(f"| {name} | {_policy(block['policies'].get(name))} | {r['trainable']:,} | "
+                         f"{r['train_s']['median']:.0f} ({r['train_s']['min']:.0f}-{r['train_s']['max']:.0f}) | "
+                         f"{r['epoch_s']['median']:.0f} | {r['tokens_per_s']['median']:.0f} | "
+                         f"{r['peak_rss_mb']['median']:.0f} | {shown} |")
+        peft, lean = s["peft"], s["leanfit"]
+        lines += ["", f"leanfit / peft: training time {lean['train_s']['median'] / peft['train_s']['median']:.2f}x, "
+                      f"tokens/s {lean['tokens_per_s']['median'] / peft['tokens_per_s']['median']:.2f}x, "
+                      f"peak RSS {lean['peak_rss_mb']['median'] / peft['peak_rss_mb']['median']:.2f}x.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _policy(p):
+    if not p:
+        return "LoRA r=8 on every linear layer, lr 5e-4 constant"
+    layers = f"top {p['train_layers']} blocks" if p.get("train_layers") else "every block"
+    return f"LoRA r=8, {layers}, prefix {p.get('prefix', 'off')}, lr {p['lr']:g} linear decay"
+
+
+TITLES = {
+    "bbc": ("MiniLM-L6 on bbc-news", "Batch 32, 128 tokens, 3 epochs, LoRA r=8 alpha 16, seed 0; test accuracy on "
+            "the held-out test split (425 rows)."),
+    "austen": ("SmolLM2-135M on Austen", "Batch 8, 128 tokens, 1 epoch over the first 512 training blocks, LoRA r=8 "
+               "alpha 16, seed 0; perplexity on the first 128 test blocks. Weights ship as 4-bit Q4_1 GGUF, "
+               "dequantised to fp32."),
+}
+
+
+def main(argv: list[str]) -> None:
+    reps = int(argv[argv.index("--reps") + 1]) if "--reps" in argv else 2
+    tasks = [a for a in argv if a in POLICIES] or list(POLICIES)
+    import peft
+    path = OUT / "train_speed.json"
+    results = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
+    results.update(environment=environment(), reps=reps, peft_version=peft.__version__)
+    for task in tasks:
+        contenders = {"peft": {}, **POLICIES[task]}
+        runs = {name: [] for name in contenders}
+        for _ in range(reps):
+            for name, policy in contenders.items():
+                runs[name].append(run(name, task, policy))
+        results["tasks"][task] = {"title": TITLES[task][0], "setup": TITLES[task][1], "policies": contenders,
+                                  "runs": runs, "summary": {n: summary(r) for n, r in runs.items()}}
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        (OUT / "train_speed.md").write_text(render(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
