@@ -106,6 +106,8 @@ class AdapterModule(nn.Module):
 
     config_class: ClassVar[type[MethodConfig]]
     capabilities: ClassVar[Capabilities]
+    # A training-time controller over all layers of one adapter (train/controllers.py), or None.
+    controller_class: ClassVar[type | None] = None
 
     def __init__(self, base: nn.Module, config: MethodConfig):
         super().__init__()

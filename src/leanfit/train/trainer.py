@@ -22,6 +22,7 @@ from leanfit.train.checkpoint import (check_resumable, latest_checkpoint, load_c
                                       save_checkpoint)
 from leanfit.train.metrics import MetricsLog, batch_at, evaluate_split, split_size
 from leanfit.train import distributed
+from leanfit.train.controllers import build_controllers
 from leanfit.train.policy import LeanPolicy
 from leanfit.train.progress import TrainProgress
 from leanfit.train.schedule import SCHEDULES, make_scheduler
@@ -135,6 +136,7 @@ class Trainer:
         self.trainable: list[tuple[str, torch.nn.Parameter]] = []  # fixed when fit() starts
         self.optimizer: torch.optim.Optimizer | None = None
         self.policy: LeanPolicy | None = None
+        self.controllers: list = []
         self.world = distributed.world()[1]
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.monitor = "accuracy" if self.task == CLASSIFICATION else "loss"  # higher / lower is better
@@ -206,6 +208,7 @@ class Trainer:
             raise ConfigError("early stopping needs a validation split; add one or set early_stopping_patience=None.")
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
+        self.controllers = build_controllers(self.model, self.total_steps)
         self.policy = LeanPolicy(self.model, cfg.prefix, cfg.lisa_layers, cfg.lisa_period,
                                  cfg.gradient_checkpointing, cfg.seed)
         self.policy.start(self.data, cfg.eval_batch_size, cfg.checkpoint_dir)
@@ -254,12 +257,16 @@ class Trainer:
             (loss * share / len(group)).backward()
             total += value / len(group)
         distributed.average_gradients([p for _, p in self.trainable])
+        for controller in self.controllers:
+            controller.after_backward(self.state.step)
         if self.config.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], self.config.max_grad_norm)
             if not math.isfinite(norm.item()):
                 self._diverged("the gradient norm", norm.item())
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        for controller in self.controllers:
+            controller.after_step(self.state.step, self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, lr
@@ -312,6 +319,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
+            "controllers": [c.state_dict() if hasattr(c, "state_dict") else None for c in self.controllers],
             "config": {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
                        for k, v in asdict(self.config).items()},
         }
@@ -327,6 +335,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
+        for controller, saved in zip(self.controllers, state.get("controllers", [])):
+            if saved is not None:
+                controller.load_state_dict(saved)
         self.state = LoopState(**state["loop"])
         self.last_checkpoint, self._saved_step = path, self.state.step
 
