@@ -21,6 +21,8 @@ class AdapterHost(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
+        # Set only inside core.batching.row_plan: (adapter or None, start, end) row ranges.
+        self.row_segments: tuple | None = None
         # Deltas added at merge time, kept so that unmerge subtracts exactly what merge added.
         self._merged: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
@@ -49,6 +51,8 @@ class AdapterHost(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.row_segments is not None:
+            return self._forward_segments(x, out)
         pending = [n for n in self.active if n not in self._merged]
         if not pending:
             return out
@@ -56,6 +60,19 @@ class AdapterHost(nn.Module):
         for name in pending:
             out = out + self.adapters[name].delta(x, base_out, self.base_layer)
         return out
+
+    def _forward_segments(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each contiguous row range gets its own adapter's delta (rows were sorted by adapter)."""
+        segments = [(n, s, e) for n, s, e in self.row_segments if n is not None and n in self.adapters]
+        if not segments:
+            return out
+        if len(segments) == 1 and segments[0][1] == 0 and segments[0][2] == len(out):
+            name = segments[0][0]  # one adapter for the whole batch: the plain path
+            return out + self.adapters[name].delta(x, out, self.base_layer)
+        result = out.clone()
+        for name, start, end in segments:
+            result[start:end] += self.adapters[name].delta(x[start:end], out[start:end], self.base_layer)
+        return result
 
     # -- merging --
     @torch.no_grad()
