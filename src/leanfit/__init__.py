@@ -9,7 +9,7 @@ from .core import (activate, active, adapt, adapters, calibrate, deactivate, del
                    fingerprint, load, merge, save, set_rank, set_trainable, trainable_parameters,
                    unmerge, unwrap)
 from .errors import LeanfitError
-from .methods import (HUT, IA3, S2FT, SFT, SSF, WHT, BitFit, Bone, Bottleneck, Compacter, DyLoRA, Hydra, LoRA,
+from .methods import (HUT, AdaLoRA, IncreLoRA, IA3, S2FT, SFT, SSF, WHT, BitFit, Bone, Bottleneck, Compacter, DyLoRA, Hydra, LoRA,
                       LoRASB, MethodConfig, MoS, PaCA, config_from_dict, method_names)
 
 __version__ = "0.1.0"
