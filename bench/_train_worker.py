@@ -24,8 +24,8 @@ from leanfit.train import Trainer
 TASKS = {
     "bbc": dict(model="minilm", data="bbc-news", max_length=128, batch_size=32, epochs=3,
                 peft_targets=["query", "key", "value", "dense"], task_type="SEQ_CLS"),
-    "austen": dict(model="smollm2-135m", data="austen", max_length=128, batch_size=8, epochs=1,
-                   train_rows=512, eval_rows=128,
+    "austen": dict(model="smollm2-135m", data="austen", max_length=128, batch_size=8, epochs=2,
+                   train_rows=192, eval_rows=96,
                    peft_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                    task_type="CAUSAL_LM"),
 }

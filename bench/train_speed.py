@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks"
 # leanfit's policy per task: what `leanfit tune` picks by default (see docs/lean-training.md).
 POLICIES = {
-    "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3},
-            "leanfit-all": {"train_layers": None, "prefix": "off", "lr": 5e-4}},
+    "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3}},
     "austen": {"leanfit": {"train_layers": 10, "prefix": "cache", "lr": 1e-3}},
 }
 
@@ -97,8 +96,8 @@ def _policy(p):
 TITLES = {
     "bbc": ("MiniLM-L6 on bbc-news", "Batch 32, 128 tokens, 3 epochs, LoRA r=8 alpha 16, seed 0; test accuracy on "
             "the held-out test split (425 rows)."),
-    "austen": ("SmolLM2-135M on Austen", "Batch 8, 128 tokens, 1 epoch over the first 512 training blocks, LoRA r=8 "
-               "alpha 16, seed 0; perplexity on the first 128 test blocks. Weights ship as 4-bit Q4_1 GGUF, "
+    "austen": ("SmolLM2-135M on Austen", "Batch 8, 128 tokens, 2 epochs over the first 192 training blocks, LoRA r=8 "
+               "alpha 16, seed 0; perplexity on the first 96 test blocks. Weights ship as 4-bit Q4_1 GGUF, "
                "dequantised to fp32."),
 }
 

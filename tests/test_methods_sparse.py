@@ -258,3 +258,30 @@ def test_dims_that_do_not_fit_are_refused(cfg, match):
 def test_linear_only(key):
     with pytest.raises(ConfigError, match="cannot adapt a Conv2d"):
         lf.adapt(tiny_net(), CONFIGS[key], targets=nn.Conv2d)
+
+
+def test_trainer_regrows_sft_positions_on_schedule():
+    from _tiny import classification_data
+
+    from leanfit.train import Trainer
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net()
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            logits = self.net(input_ids)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            return type("Out", (), {"loss": loss, "logits": logits})
+
+    model = Wrapped()
+    lf.adapt(model, lf.SFT(density=0.2, regrow_every=3, regrow_fraction=0.25), targets="all-linear", name="s")
+    sft = model.net.block["query"].adapters["s"]
+    before = sft.indices.clone()
+    Trainer(model, classification_data(n_train=48), epochs=1, batch_size=8, lr=1e-2, progress=False).fit()
+    after = sft.indices
+    assert after.numel() == before.numel() and after.unique().numel() == after.numel()
+    assert not torch.equal(after, before)  # rounds at steps 3 (6 is the last step: no round)
+    moved = (after != before).sum().item()
+    assert 0 < moved <= round(0.25 * before.numel())

@@ -164,9 +164,40 @@ class SFT(MethodConfig):
     method = "sft"
     density: float = 0.01
     seed: int = 0
+    regrow_every: int = 0  # optimizer steps between drop-and-regrow rounds during training; 0: fixed positions
+    regrow_fraction: float = 0.1
 
     def validate(self) -> None:
         _check_fraction("SFT density", self.density)
+        _check_fraction("SFT regrow_fraction", self.regrow_fraction)
+        if int(self.regrow_every) < 0:
+            raise ConfigError(f"SFT regrow_every must be 0 (off) or a number of steps, got {self.regrow_every}.")
+
+
+class SFTController:
+    """Drives SFT's drop-and-regrow from the trainer: every `regrow_every` steps (not in the last
+    one), each layer drops its smallest |values| and regrows as many at random free positions from a
+    generator seeded by (seed, round), and AdamW's moments of the changed slots are reset."""
+
+    def __init__(self, modules: dict[str, "SFTModule"], total_steps: int):
+        self.modules, self.total_steps = modules, total_steps
+        self.config = next(iter(modules.values())).config
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int, optimizer) -> None:
+        every = self.config.regrow_every
+        done = step + 1
+        if not every or done % every or done >= self.total_steps:
+            return
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + done // every)
+        for module in self.modules.values():
+            slots = module.drop_and_regrow(fraction=self.config.regrow_fraction, generator=generator)
+            state = optimizer.state.get(module.values, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][slots] = 0
 
 
 @register
@@ -182,6 +213,7 @@ class SFTModule(AdapterModule):
 
     config_class = SFT
     capabilities = SPARSE
+    controller_class = SFTController
 
     def __init__(self, base: nn.Module, config: SFT):
         super().__init__(base, config)
