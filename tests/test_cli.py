@@ -107,7 +107,7 @@ def test_tune_resumes_from_checkpoint(tmp_path):
 
 @pytest.mark.integration
 def test_tune_causal_lm_on_user_text_with_smollm2(tmp_path):
-    text = "\n\n".join(f"The cat number {i} sat on the mat and looked at the moon." for i in range(60))
+    text = "\n\n".join(f"The cat number {i} sat on the mat and looked at the moon." for i in range(500))
     (tmp_path / "story.txt").write_text(text)
     out = tmp_path / "lm"
     proc = leanfit("tune", "--model", "smollm2-135m", "--data", tmp_path / "story.txt", "--task", "causal-lm",
