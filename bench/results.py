@@ -84,7 +84,10 @@ def render(results: dict) -> str:
              f"{results['environment']['torch']}). Seed 0; bbc-news split (de-duplicated, stratified):",
              f"{rows.get('lora', next(iter(rows.values())))['split_sizes']} rows; 128 tokens, batch 32, 3 epochs,",
              "AdamW with linear decay after 6% warm-up. Accuracy is on the held-out test split. Wall time is the",
-             "whole job (loading, tokenising, training, evaluating, saving); peak RSS is the process's.", "",
+             "whole job (loading, tokenising, training, evaluating, saving); peak RSS is the process's.",
+             "Wall times are single runs on a shared 2-core machine and are NOT comparable between rows:",
+             "other work ran beside several of them (full, lora-rslora and lora-pissa most; quiet rows ran",
+             "lora at ~250-330 s). Side-by-side timing is bench/train_speed.py's job.", "",
              "| method | options | blocks adapted | lr | test accuracy | trainable params | share | wall s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():

@@ -1,0 +1,329 @@
+"""The serving engine: one worker thread owns the model; requests arriving together share one batch.
+
+Why a thread and not the event loop: a forward pass blocks for milliseconds to seconds, and adapter
+loads change the model's modules, so exactly one thread may touch the model. Request handlers put a
+`Job` on a thread-safe queue and await its events on their own asyncio queue (the worker hands them
+over with `call_soon_threadsafe`). The worker takes the first job, waits a short window (a few ms)
+for more, makes every needed adapter resident (loading and evicting between batches), then runs all
+rows in one mixed-adapter forward pass (`core.batching.forward_mixed`). Loads and unloads asked for
+by the API are queued like requests, so they too run between batches and never fail a running one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.batching import RowPlan, forward_mixed
+from ..core.model import adapters
+from ..errors import ConfigError
+from .registry import AdapterRegistry
+
+EMBEDDING, CAUSAL_LM = "embedding", "causal-lm"
+
+
+class EngineStopped(RuntimeError):
+    """The engine was stopped before the job ran."""
+
+
+@dataclass
+class Job:
+    """One request (or one load/unload command) and the way back to its handler.
+
+    Events are (kind, value): ("started", None) once its adapter is resident, ("delta", (choice, text))
+    while generating, ("done", result) or ("error", exception)."""
+
+    kind: str  # "embed" | "generate" | "load" | "unload"
+    adapter: str | None
+    payload: Any
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def emit(self, kind: str, value=None) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+@dataclass
+class GenerationParams:
+    prompts: list[list[int]]  # token ids, one per choice
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+class Engine:
+    """Runs embeddings or generation for a base model plus the adapters of a registry."""
+
+    def __init__(self, model: nn.Module, tokenizer, registry: AdapterRegistry, model_name: str = "base",
+                 task: str | None = None, max_batch_size: int = 32, batch_window_s: float = 0.005,
+                 max_length: int = 512, on_batch: Callable[[int], None] | None = None):
+        if adapters(model):
+            raise ConfigError(f"The model already holds adapters {sorted(adapters(model))}; pass the bare base "
+                              "model and let the registry load adapters.")
+        self.model, self.tokenizer, self.registry = model.eval(), tokenizer, registry
+        self.model_name = model_name
+        self.task = task or (CAUSAL_LM if type(model).__name__.endswith("ForCausalLM") else EMBEDDING)
+        self.max_batch_size, self.batch_window_s, self.max_length = max_batch_size, batch_window_s, max_length
+        self.on_batch = on_batch  # called with each batch's row count (metrics)
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    # -- life --
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="leanfit-serve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._jobs.qsize()
+
+    def adapter_of(self, model_field: str) -> str | None:
+        """The adapter a request's `model` field names (None: the base model); checks the name only."""
+        if model_field == self.model_name:
+            return None
+        self.registry.path_of(model_field)
+        return model_field
+
+    def check_rows(self, rows: list) -> list:
+        """Refuse empty rows and token ids outside the vocabulary before they can fail a shared batch."""
+        vocab = self.model.get_input_embeddings().num_embeddings
+        for row in rows:
+            if len(row) == 0:
+                raise ConfigError("An input or prompt is empty; send at least one token.")
+            if not isinstance(row, str) and not all(0 <= t < vocab for t in row):
+                raise ConfigError(f"Token ids must be in [0, {vocab}); check the tokenizer that made them.")
+        return rows
+
+    def generation_params(self, prompts: list[list[int]], max_tokens: int | None, temperature: float = 1.0,
+                          top_p: float = 1.0, stop=(), seed: int | None = None) -> GenerationParams:
+        """Checked parameters of one generation request; max_tokens None: up to 256 within the context."""
+        self.check_rows(prompts)
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        longest = max(len(x) for x in prompts)
+        max_tokens = max_tokens or max(1, min(256, limit - longest))
+        if longest + max_tokens > limit:
+            raise ConfigError(f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                              f"context of {limit} tokens; shorten the prompt or lower max_tokens.")
+        return GenerationParams(prompts, max_tokens, temperature, top_p, list(stop), seed)
+
+    def submit(self, kind: str, adapter: str | None, payload=None) -> Job:
+        """Queue a job from a coroutine; await `job.events` for its results."""
+        job = Job(kind, adapter, payload, asyncio.get_running_loop())
+        self._jobs.put(job)
+        return job
+
+    # -- the worker --
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return self._drain()
+            batch = []
+            deadline = time.monotonic() + self.batch_window_s
+            while job is not None:
+                if job.kind in ("load", "unload"):
+                    self._control(job)  # no forward is running: between batches
+                else:
+                    batch.append(job)
+                if len(batch) >= self.max_batch_size:
+                    break
+                try:
+                    job = self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._jobs.put(None)  # stop after this batch
+                    break
+            for kind in ("embed", "generate"):
+                jobs = [j for j in batch if j.kind == kind and not j.cancelled]
+                if jobs:
+                    self._run_batch(kind, jobs)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.emit("error", EngineStopped("The server is shutting down; retry the request."))
+
+    def _control(self, job: Job) -> None:
+        try:
+            action = self.registry.load if job.kind == "load" else self.registry.unload
+            job.emit("done", action(self.model, job.adapter))
+        except Exception as err:  # reported to the caller, the worker lives on
+            job.emit("error", err)
+
+    def _run_batch(self, kind: str, jobs: list[Job]) -> None:
+        errors = self.registry.ensure(self.model, [j.adapter for j in jobs])
+        ready = []
+        for job in jobs:
+            if job.adapter in errors:
+                job.emit("error", errors[job.adapter])
+            else:
+                job.emit("started")
+                ready.append(job)
+        if not ready:
+            return
+        try:
+            with torch.inference_mode():
+                (self._embed if kind == "embed" else self._generate)(ready)
+        except Exception as err:  # a bad batch fails its own requests, never the worker
+            for job in ready:
+                job.emit("error", err)
+
+    # -- embeddings --
+    def _embed(self, jobs: list[Job]) -> None:
+        """Mean of the last hidden state over the attention mask, L2-normalised (sentence-transformers)."""
+        rows = [(job, ids) for job in jobs for ids in self._token_rows(job.payload)]
+        vectors: list[torch.Tensor] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start:start + self.max_batch_size]
+            if self.on_batch:
+                self.on_batch(len(chunk))
+            batch = self.tokenizer.pad({"input_ids": [ids for _, ids in chunk]}, return_tensors="pt")
+            batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            hidden = forward_mixed(self.model, batch, [job.adapter for job, _ in chunk]).last_hidden_state
+            vectors.extend(mean_pool(hidden, batch["attention_mask"]))
+        at = 0
+        for job in jobs:
+            n = len(job.payload)
+            tokens = sum(len(ids) for _, ids in rows[at:at + n])
+            job.emit("done", {"vectors": [v.tolist() for v in vectors[at:at + n]], "prompt_tokens": tokens})
+            at += n
+
+    def _token_rows(self, inputs: list) -> list[list[int]]:
+        out = []
+        for item in inputs:
+            if isinstance(item, str):
+                item = self.tokenizer(item, truncation=True, max_length=self.max_length)["input_ids"]
+            out.append(list(item)[: self.max_length])
+        return out
+
+    # -- generation --
+    def _generate(self, jobs: list[Job]) -> None:
+        """Greedy or sampled decoding of every row at once, with the model's KV cache.
+
+        Rows are sorted by adapter once, before the first step, so forward_mixed's own sort is the
+        identity and the cache it returns stays in our row order across steps. Prompts are left-padded;
+        position ids follow the attention mask, so a padded row sees the positions it would see alone."""
+        rows = [_Row(job, c, ids, job.payload) for job in jobs for c, ids in enumerate(job.payload.prompts)]
+        rows = [rows[i] for i in RowPlan.of([r.job.adapter for r in rows]).order.tolist()]
+        names = [r.job.adapter for r in rows]
+        if self.on_batch:
+            self.on_batch(len(rows))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(r.ids) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows])
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        eos = getattr(self.model.config, "eos_token_id", None)
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {self.tokenizer.eos_token_id}
+        for _ in range(max(r.params.max_tokens for r in rows)):
+            out = forward_mixed(self.model, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                             "past_key_values": cache, "use_cache": True}, names)
+            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+            next_ids = [r.next_token(logits[i]) if not r.finished else pad for i, r in enumerate(rows)]
+            for r, token in zip(rows, next_ids):
+                if not r.finished:
+                    r.push(token, eos, self.tokenizer)
+            if all(r.finished for r in rows):
+                break
+            ids = torch.tensor(next_ids).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+            positions = positions[:, -1:] + 1
+        for job in jobs:
+            mine = sorted((r for r in rows if r.job is job), key=lambda r: r.choice)
+            job.emit("done", {"choices": [{"index": r.choice, "text": r.final_text(),
+                                           "finish_reason": r.finish_reason or "length"} for r in mine],
+                              "prompt_tokens": sum(len(r.ids) for r in mine),
+                              "completion_tokens": sum(len(r.generated) for r in mine)})
+
+
+class _Row:
+    """One choice being generated: its tokens, sampler, stop rules and the text already streamed."""
+
+    def __init__(self, job: Job, choice: int, ids: list[int], params: GenerationParams):
+        self.job, self.choice, self.ids, self.params = job, choice, list(ids), params
+        self.generated: list[int] = []
+        self.text, self.sent, self.finish_reason = "", 0, None
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(params.seed + choice if params.seed is not None else torch.seed())
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.job.cancelled
+
+    def next_token(self, logits: torch.Tensor) -> int:
+        if self.generator is None:
+            return int(logits.argmax())
+        return sample(logits, self.params.temperature, self.params.top_p, self.generator)
+
+    def push(self, token: int, eos: set, tokenizer) -> None:
+        if token in eos:
+            self.finish_reason = "stop"
+        else:
+            self.generated.append(token)
+            self.text = tokenizer.decode(self.generated, skip_special_tokens=True)
+            hits = [self.text.find(s) for s in self.params.stop if s and s in self.text]
+            if hits:
+                self.text, self.finish_reason = self.text[:min(hits)], "stop"
+            elif len(self.generated) >= self.params.max_tokens:
+                self.finish_reason = "length"
+        self._stream()
+
+    def _stream(self) -> None:
+        """Send the text that can no longer change: hold back a possible stop-sequence prefix and a
+        half-decoded character."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            hold = max((len(s) - 1 for s in self.params.stop), default=0)
+            end = max(self.sent, end - hold)
+            if self.text[self.sent:end].endswith("\ufffd"):
+                end = self.text.rfind("\ufffd", self.sent, end)
+        if end > self.sent:
+            self.job.emit("delta", (self.choice, self.text[self.sent:end]))
+            self.sent = end
+
+    def final_text(self) -> str:
+        return self.text
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p, renormalised."""
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence-transformers pooling: mean over real tokens, then unit L2 norm."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2, dim=-1)
+
