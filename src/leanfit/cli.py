@@ -130,7 +130,10 @@ def _tune(args) -> int:
     from .tune import headline, run
     config = _tune_config(args)
     distributed.init_from_env()  # under torchrun: join the process group
-    report = run(config)
+    try:
+        report = run(config)
+    finally:
+        distributed.shutdown()
     if not distributed.is_main():
         return 0
     print(headline(report))

@@ -74,3 +74,10 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         if p.grad is not None:
             p.grad.copy_(flat[offset: offset + n].view_as(g))
         offset += n
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (a process exiting without this can abort gloo's peers)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
