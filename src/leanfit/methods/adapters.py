@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import LINEAR, AdapterModule, Capabilities, MethodConfig
+from .base import tensor_kwargs, LINEAR, AdapterModule, Capabilities, MethodConfig
 from .registry import register
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -54,7 +54,7 @@ class BottleneckModule(AdapterModule):
     def __init__(self, base: nn.Module, config: Bottleneck):
         super().__init__(base, config)
         reads = base.out_features if config.placement == "series" else base.in_features
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         self.down = nn.Linear(reads, config.size, **factory)
         self.up = nn.Linear(config.size, base.out_features, **factory)
         self.act = ACTIVATIONS[config.activation]()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import LINEAR, AdapterModule, Capabilities, MethodConfig
+from .base import tensor_kwargs, LINEAR, AdapterModule, Capabilities, MethodConfig
 from .registry import register
 
 RESERVE_E = 1e-5  # the singular value a reserve triplet trains under (IncreLoRA's advance learning)
@@ -49,7 +49,7 @@ class _Triplets(AdapterModule):
 
     def __init__(self, base: nn.Module, config: MethodConfig, rank: int, active: int):
         super().__init__(base, config)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory).normal_(0.0, 0.02))
         self.lora_E = nn.Parameter(torch.zeros(rank, 1, **factory))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory).normal_(0.0, 0.02))

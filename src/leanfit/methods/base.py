@@ -50,6 +50,11 @@ def in_features(base: nn.Module) -> int:
     return base.num_embeddings
 
 
+def tensor_kwargs(base: nn.Module) -> dict:
+    """Device and dtype of the base weight, so adapter tensors live beside it."""
+    return {"device": base.weight.device, "dtype": base.weight.dtype}
+
+
 def channel_view(vector: torch.Tensor, base: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """Shape a per-output-channel vector so it broadcasts against the base layer's output."""
     if layer_kind(base) == CONV2D:

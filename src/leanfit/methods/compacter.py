@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .adapters import ACTIVATIONS, PLACEMENTS
-from .base import LINEAR, AdapterModule, Capabilities, MethodConfig
+from .base import tensor_kwargs, LINEAR, AdapterModule, Capabilities, MethodConfig
 from .registry import register
 
 
@@ -113,7 +113,7 @@ class CompacterModule(AdapterModule):
                 raise ConfigError(
                     f"Compacter n={n} must divide the layer sizes, but this layer {side} {dim} features "
                     f"(in_features={base.in_features}, out_features={base.out_features}); choose n dividing {dim}.")
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         self.phm_rule = nn.Parameter(torch.randn(n, n, n, **factory) / n)  # slow A_i, std 1/n
         self.down = PHMLinear(reads, config.size, n, config.phm_rank, zero=False, factory=factory)
         self.up = PHMLinear(config.size, base.out_features, n, config.phm_rank, zero=True, factory=factory)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import LINEAR, AdapterModule, Capabilities, MethodConfig
+from .base import tensor_kwargs, LINEAR, AdapterModule, Capabilities, MethodConfig
 from .registry import register
 
 
@@ -50,7 +50,7 @@ class HydraModule(AdapterModule):
     def __init__(self, base: nn.Module, config: Hydra):
         super().__init__(base, config)
         r, n_in, n_out = config.rank, base.in_features, base.out_features
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         self.hydra_A_p = nn.Parameter(torch.empty(r, n_in, **factory))
         self.hydra_B_p = nn.Parameter(torch.zeros(n_out, r, **factory))
         self.hydra_A_s = nn.Parameter(torch.empty(r, n_out, **factory))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import (CONV2D, EMBEDDING, LINEAR, AdapterModule, Capabilities, MethodConfig,
+from .base import (tensor_kwargs, CONV2D, EMBEDDING, LINEAR, AdapterModule, Capabilities, MethodConfig,
                    in_features, out_features)
 from .registry import register
 
@@ -96,7 +96,7 @@ class LoRAModule(AdapterModule):
         n_out = out_features(base)
         if self.kind == CONV2D and base.groups != 1:
             raise ConfigError("LoRA on grouped convolutions is not supported; exclude those layers.")
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         self.lora_A = nn.Parameter(torch.empty(r, n_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(n_out, r, **factory))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -226,7 +226,7 @@ class LoRASBModule(AdapterModule):
 
     def __init__(self, base: nn.Module, config: LoRASB):
         super().__init__(base, config)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         r = min(config.rank, *base.weight.shape)
         self.register_buffer("lora_A", torch.empty(r, base.in_features, **factory))
         self.register_buffer("lora_B", torch.empty(base.out_features, r, **factory))

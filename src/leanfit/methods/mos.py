@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import LINEAR, AdapterModule, Capabilities, MethodConfig
+from .base import tensor_kwargs, LINEAR, AdapterModule, Capabilities, MethodConfig
 from .registry import register
 
 
@@ -84,7 +84,7 @@ class MoSModule(AdapterModule):
                 f"in_features={n_in}, out_features={n_out}; choose a divisor of both.")
         private, public = config.private_rank * l, (config.rank - config.private_rank) * l
         pool = config.public_shards if public else 0
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         self.mos_A_private = nn.Parameter(torch.empty(private, n_in // l, **factory))
         self.mos_A_public = nn.Parameter(torch.empty(pool, n_in // l, **factory))
         self.mos_B_private = nn.Parameter(torch.zeros(private, n_out // l, **factory))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import LINEAR, AdapterModule, Capabilities, MethodConfig
+from .base import tensor_kwargs, LINEAR, AdapterModule, Capabilities, MethodConfig
 from .registry import register
 
 S2FT_SELECT = ("random", "norm")
@@ -98,7 +98,7 @@ class S2FTModule(AdapterModule):
         else:
             index = base.weight.detach().float().norm(dim=1 if rows else 0).topk(k).indices.sort().values
         self.register_buffer("channels", index)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         if rows:
             self.delta_rows = nn.Parameter(torch.zeros(k, base.in_features, **factory))
         else:

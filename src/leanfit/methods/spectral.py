@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import LINEAR, AdapterModule, Capabilities, MethodConfig
+from .base import tensor_kwargs, LINEAR, AdapterModule, Capabilities, MethodConfig
 from .registry import register
 
 WHT_SELECT = ("random", "magnitude")
@@ -95,7 +95,7 @@ class WHTModule(AdapterModule):
             raise ConfigError(
                 f"WHT n_coeffs={config.n_coeffs} exceeds the {grid} coefficients of a "
                 f"{base.out_features}x{base.in_features} layer; lower n_coeffs or narrow the targets.")
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         if config.select == "random":
             g = torch.Generator().manual_seed(config.seed)
             positions = torch.randperm(grid, generator=g)[:config.n_coeffs]
@@ -162,7 +162,7 @@ class HUTModule(AdapterModule):
 
     def __init__(self, base: nn.Module, config: HUT):
         super().__init__(base, config)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = tensor_kwargs(base)
         self.hut_A = nn.Parameter(torch.empty(config.rank, base.in_features, **factory))
         self.hut_B = nn.Parameter(torch.zeros(base.out_features, config.rank, **factory))
         nn.init.kaiming_uniform_(self.hut_A, a=math.sqrt(5))
