@@ -17,9 +17,10 @@ from _nets import perturb, tiny_net, tokens
 # tiny_net's linear targets: block.query (in 32, out 16, bias) and block.value (in 16, out 16, no bias)
 LAYERS = [(32, 16), (16, 16)]
 MERGEABLE = {"hydra": Hydra(rank=2), "bone": Bone(rank=4), "bone-remainder": Bone(rank=5),
-             "mos": MoS(rank=4, private_rank=1, public_shards=3), "mos-private": MoS(rank=2, private_rank=2)}
+             "mos": MoS(rank=4, private_rank=1, public_shards=3), "mos-private": MoS(rank=2, private_rank=2),
+             "mos-unshared": MoS(rank=4, private_rank=1, public_shards=3, share=False)}
 UNMERGEABLE = {"compacter": Compacter(size=8), "compacter-parallel": Compacter(size=8, placement="parallel"),
-               "phm-adapter": Compacter(size=8, phm_rank=None)}
+               "phm-adapter": Compacter(size=8, phm_rank=None), "compacter-unshared": Compacter(size=8, share=False)}
 ALL = {**MERGEABLE, **UNMERGEABLE}
 
 
@@ -83,8 +84,8 @@ def test_save_load_round_trip_gives_same_outputs(tmp_path, key):
     assert lf.config_from_dict(ALL[key].to_dict()) == ALL[key]
 
 
-def test_mos_routing_is_seeded_per_layer_size_and_saved(tmp_path):
-    config = MoS(rank=4, private_rank=1, public_shards=3, seed=7)
+def test_mos_per_layer_pools_route_by_seed_and_layer_size_and_save_the_index(tmp_path):
+    config = MoS(rank=4, private_rank=1, public_shards=3, seed=7, share=False)
     m, again = adapted(config), adapted(config)
     query, value = m.block["query"].adapters["a"], m.block["value"].adapters["a"]
     assert torch.equal(query.mos_index_A, again.block["query"].adapters["a"].mos_index_A)
@@ -115,13 +116,17 @@ def test_parameter_counts_follow_the_papers():
     assert count(MoS(rank=4, private_rank=pr, public_shards=ps, shards_per_vector=l)) == sum(
         (i + o) * (pr + ps / l) for i, o in LAYERS)
     assert count(MoS(rank=2, private_rank=2)) == sum((i + o) * 2 for i, o in LAYERS)
+    assert count(MoS(rank=4, private_rank=pr, public_shards=ps, shards_per_vector=l, share=False)) == sum(
+        (i + o) * (pr + ps / l) for i, o in LAYERS)
     n, k, pr = 4, 8, 1
     for placement in ("series", "parallel"):
         reads = [o if placement == "series" else i for i, o in LAYERS]
-        expected = sum(n ** 3 + pr * (d + k) + pr * (k + o) + k + o for d, (_, o) in zip(reads, LAYERS))
-        assert count(Compacter(size=k, n=n, phm_rank=pr, placement=placement)) == expected
-        expected = sum(n ** 3 + (d * k + k * o) // n + k + o for d, (_, o) in zip(reads, LAYERS))
-        assert count(Compacter(size=k, n=n, phm_rank=None, placement=placement)) == expected
+        # the slow matrices: n^3 once for the whole adapter (share=True, the paper), or once per layer
+        for share, slow in ((True, n ** 3), (False, len(LAYERS) * n ** 3)):
+            expected = slow + sum(pr * (d + k) + pr * (k + o) + k + o for d, (_, o) in zip(reads, LAYERS))
+            assert count(Compacter(size=k, n=n, phm_rank=pr, placement=placement, share=share)) == expected
+            expected = slow + sum((d * k + k * o) // n + k + o for d, (_, o) in zip(reads, LAYERS))
+            assert count(Compacter(size=k, n=n, phm_rank=None, placement=placement, share=share)) == expected
 
 
 @pytest.mark.parametrize("rank", [None, 2])
@@ -196,8 +201,6 @@ def test_bad_configs_say_what_is_wrong():
         Compacter(size=6)
     with pytest.raises(ConfigError, match="phm_rank must be a positive integer or None"):
         Compacter(phm_rank=0)
-    with pytest.raises(ConfigError, match="shared_slow=True needs the engine"):
-        Compacter(shared_slow=True)
     with pytest.raises(ConfigError, match="n=3 must divide .* 16 features"):
         adapted(Compacter(n=3, size=6))
     with pytest.raises(ConfigError, match="Unknown placement"):

@@ -19,20 +19,28 @@ from torch import nn
 
 from ..errors import ArtifactError, BaseModelMismatchError
 from ..io import atomic_write_bytes
+from ..methods.base import SHARED
 from ..methods.registry import config_from_dict
-from .model import adapt, adapter_modules, base_fingerprint, delete, spec
+from .model import adapt, adapter_modules, base_fingerprint, delete, shared_module, spec
 
 SCHEMA_VERSION = 1
 MANIFEST = "adapter.json"
 TENSORS = "adapter.safetensors"
+# Key prefix of the parameters all layers of an adapter share (reserved: no model module is named so).
+SHARED_PREFIX = "leanfit_shared"
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The tensors that make adapter `name`: its modules' state per host, and its trained heads."""
+    """The tensors that make adapter `name`: its modules' state per host, the parameters its layers
+    share (once, under SHARED_PREFIX), and its trained heads."""
     tensors = {}
     for host, module in adapter_modules(model, name).items():
         for key, t in module.state_dict().items():
-            tensors[f"{host}.{key}"] = t
+            if not key.startswith(SHARED + "."):
+                tensors[f"{host}.{key}"] = t
+    shared = shared_module(model, name)
+    for key, t in (shared.state_dict() if shared is not None else {}).items():
+        tensors[f"{SHARED_PREFIX}.{key}"] = t
     for head in spec(model, name).train_modules:
         for key, t in model.get_submodule(head).state_dict().items():
             tensors[f"{head}.{key}"] = t
@@ -122,7 +130,9 @@ def load(model: nn.Module, path: str | Path, name: str | None = None) -> str:
 
 
 def _load_state(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source) -> None:
-    owners = {**adapter_modules(model, name), **{h: model.get_submodule(h) for h in spec(model, name).train_modules}}
+    shared = shared_module(model, name)
+    owners = {**({SHARED_PREFIX: shared} if shared is not None else {}), **adapter_modules(model, name),
+              **{h: model.get_submodule(h) for h in spec(model, name).train_modules}}
     used = set()
     for owner, module in owners.items():
         state = {k[len(owner) + 1:]: v for k, v in tensors.items() if k.startswith(owner + ".")}
@@ -132,6 +142,8 @@ def _load_state(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], s
         except RuntimeError as err:  # shape mismatch
             raise ArtifactError(f"The adapter at '{source}' does not fit layer '{owner}': "
                                 f"{str(err).splitlines()[-1].strip()}.") from None
+        if owner != SHARED_PREFIX:  # the shared parameters were loaded once, above
+            missing = [k for k in missing if not k.startswith(SHARED + ".")]
         if missing or unexpected:
             raise ArtifactError(f"The adapter at '{source}' does not fit layer '{owner}' "
                                 f"(missing {missing}, unexpected {unexpected}); it was saved by another version.")

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import AdapterError, ConfigError
-from ..methods.base import MethodConfig
+from ..methods.base import SHARED, MethodConfig
 from ..methods.registry import module_class
 from .fingerprint import fingerprint
-from .inject import Targets, find_targets, host_at, hosts, remove_empty_hosts, unwrap_hosts
+from .inject import Targets, candidate_layers, find_targets, host_at, hosts, remove_empty_hosts, unwrap_hosts
 
 AUTO = "auto"
 CLASSIFIER_HEADS = ("classifier", "score")  # new, randomly initialised heads of HF task models
@@ -81,15 +81,32 @@ def adapt(model: nn.Module, config: MethodConfig, targets: Targets = "all-linear
         model.__dict__["leanfit_fingerprint"] = base_fingerprint(model, heads)
     names = find_targets(model, targets, exclude)
     names = [n for n in names if not any(n == h or n.startswith(h + ".") for h in heads)]
-    build = module_class(config.method)
-    for target in names:
-        host = host_at(model, target)
-        host.add(name, build(host.base_layer, config))
+    built = _build_layers(model, config, names)  # every layer built before any is wrapped
+    for target, module in built.items():
+        host_at(model, target).add(name, module)
     new = AdapterSpec(name, config, names, heads, model.__dict__["leanfit_fingerprint"])
     adapters(model)[name] = new
     activate(model, name)  # like PEFT's set_adapter: the adapter being trained acts alone
     set_trainable(model, name)
     return new
+
+
+def _build_layers(model: nn.Module, config: MethodConfig, names: list[str]) -> dict[str, nn.Module]:
+    """One adapter module per target layer; the parameters the method shares across layers, if any,
+    are built once here and the same module is given to every layer."""
+    layers = candidate_layers(model)
+    bases = {n: layers[n] for n in names}
+    build = module_class(config.method)
+    shared = build.shared_parameters(config, bases)
+    extra = {} if shared is None else {SHARED: shared}
+    return {n: build(base, config, **extra) for n, base in bases.items()}
+
+
+def shared_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The one module of parameters shared by every layer of adapter `name`, or None."""
+    for module in adapter_modules(model, name).values():
+        return getattr(module, SHARED, None)
+    return None
 
 
 def _active_names(model: nn.Module) -> list[str]:
@@ -187,7 +204,8 @@ def set_rank(model: nn.Module, rank: int, name: str | None = None) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts; `all` includes the adapters, as PEFT reports it."""
+    """(trainable, all) parameter counts; `all` includes the adapters, as PEFT reports it. A
+    parameter shared by many layers counts once (parameters() de-duplicates)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
@@ -218,4 +236,4 @@ def calibrate(model: nn.Module, batch: dict, name: str) -> int:
 
 __all__ = ["AdapterSpec", "adapt", "adapters", "activate", "active", "deactivate", "delete", "merge",
            "unmerge", "unwrap", "set_trainable", "set_rank", "trainable_parameters", "calibrate",
-           "adapter_modules", "spec"]
+           "adapter_modules", "shared_module", "spec"]

@@ -18,6 +18,9 @@ from ..errors import ConfigError
 
 LINEAR, CONV2D, EMBEDDING = "linear", "conv2d", "embedding"
 ADAMW_STATE_PER_PARAM = 2  # exp_avg and exp_avg_sq
+# The attribute under which an adapter layer holds the parameters it shares with every other layer
+# of the same adapter (see AdapterModule.shared_parameters).
+SHARED = "shared"
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -62,6 +65,16 @@ def channel_view(vector: torch.Tensor, base: nn.Module, out: torch.Tensor) -> to
     return vector
 
 
+def conv_with(base: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """The base convolution's own forward with `weight` (and `bias`) in place of its parameters: same
+    stride, dilation, groups and padding, including the padding rule of a Conv2d subclass (e.g. the
+    TensorFlow-style "same" padding of EfficientNet's convolutions), so a kernel-sized adapter factor
+    sees exactly the input window the base weight sees."""
+    if type(base).forward is nn.Conv2d.forward:
+        return base._conv_forward(x, weight, bias)
+    return torch.func.functional_call(base, {"weight": weight, "bias": bias}, (x,))
+
+
 @dataclass(frozen=True)
 class Capabilities:
     mergeable: bool  # has delta_weight: merge/unmerge exactly into the base weight
@@ -76,8 +89,33 @@ class Cost:
 
     params: int
     optimizer_bytes: int
-    activation_bytes_per_token: int
-    extra_flops_per_token: int
+    activation_bytes_per_token: int  # kept for the backward pass, besides the layer's input
+    extra_flops_per_token: int  # of the forward delta
+    saves_input: bool = False  # the backward needs the layer's input (layers reading one input share it)
+    extra_bytes_per_token: int = 0  # memory the forward delta's ops read and write
+    backward_flops_per_token: int = 0  # of its backward (input and parameter gradients)
+    backward_bytes_per_token: int = 0
+    forward_ops: int = 0  # kernels one forward call runs (each has a fixed overhead), whatever the tokens
+    backward_ops: int = 0
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """An update delta(x) = scale * up @ (down @ x) on a linear layer (down: r x in, up: out x r).
+
+    Hosts batch the LowRank forms of many adapters into one op per layer (core/segments.py)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ChannelAffine:
+    """An update delta = base_out * scale + shift per output channel (either may be None)."""
+
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
 
 
 @dataclass
@@ -114,7 +152,7 @@ class AdapterModule(nn.Module):
     # A training-time controller over all layers of one adapter (train/controllers.py), or None.
     controller_class: ClassVar[type | None] = None
 
-    def __init__(self, base: nn.Module, config: MethodConfig):
+    def __init__(self, base: nn.Module, config: MethodConfig, shared: nn.Module | None = None):
         super().__init__()
         kind = layer_kind(base)
         if kind not in self.capabilities.layer_kinds:
@@ -124,6 +162,18 @@ class AdapterModule(nn.Module):
             )
         self.config = config
         self.kind = kind
+        if shared is not None:
+            # A submodule, so .to(), parameters() (which de-duplicates), set_trainable and the
+            # trainer see it; the one object is registered in every layer of the adapter.
+            setattr(self, SHARED, shared)
+
+    @classmethod
+    def shared_parameters(cls, config: MethodConfig, bases: dict[str, nn.Module]) -> nn.Module | None:
+        """Parameters that every layer of one adapter uses (Compacter's slow matrices, MoS's shard
+        pools), or None (the default). core.model.adapt calls this once per adapter with all target
+        layers (name -> base layer, in model order) before building any layer, and hands the module
+        it returns to each layer's constructor as `shared`; artifacts store it once."""
+        return None
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """This adapter's additive contribution to the base layer's output."""
@@ -133,6 +183,28 @@ class AdapterModule(nn.Module):
         """(weight delta, bias delta) in the base layer's layout, for merging."""
         raise NotImplementedError(f"method '{self.config.method}' cannot be merged")
 
-    def cost(self, tokens: int = 1) -> Cost:
-        params = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return Cost(params, params * 4 * (ADAMW_STATE_PER_PARAM + 1), 0, 2 * params * tokens)
+    def batched_form(self, base: nn.Module) -> LowRank | ChannelAffine | None:
+        """This adapter's update in eval mode as data (LowRank, ChannelAffine) that a host can apply
+        to the rows of many adapters in one op per layer; None (the default): only `delta`, which
+        mixed batches apply per row segment."""
+        return None
+
+    def cost(self, tokens: int = 1, base: nn.Module | None = None) -> Cost:
+        """This layer's own cost; parameters shared across layers (SHARED) are not counted here.
+
+        Given its `base` layer, the delta's forward and backward are traced on the meta device over
+        `tokens` tokens (no compute: methods/tracing.py), which counts their FLOPs, the bytes their
+        ops move and what the forward keeps for backward; without it, FLOPs are taken as 2 per
+        parameter and token. Methods may override with a closed form."""
+        params = sum(p.numel() for n, p in self.named_parameters()
+                     if p.requires_grad and not n.startswith(SHARED + "."))
+        optimizer = params * 4 * (ADAMW_STATE_PER_PARAM + 1)  # gradient, exp_avg, exp_avg_sq
+        if base is None:
+            return Cost(params, optimizer, 0, 2 * params * tokens)
+        from .tracing import trace_delta
+        t = trace_delta(self, base, tokens)
+        per_token = {k: -(-v // tokens) for k, v in t.items() if k not in ("saves_input", "forward_ops", "backward_ops")}
+        return Cost(params, optimizer, per_token["saved_bytes"], per_token["forward_flops"], t["saves_input"],
+                    per_token["forward_bytes"], per_token["backward_flops"], per_token["backward_bytes"],
+                    t["forward_ops"], t["backward_ops"])
+

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from .adapters import ACTIVATIONS, PLACEMENTS
-from .base import tensor_kwargs, LINEAR, AdapterModule, Capabilities, MethodConfig
+from .base import (tensor_kwargs, in_features, layer_kind, out_features, CONV2D, LINEAR, AdapterModule, Capabilities,
+                   MethodConfig)
 from .registry import register
 
 
@@ -26,7 +27,7 @@ class Compacter(MethodConfig):
     placement: str = "series"
     activation: str = "gelu"
     scaling: float = 1.0
-    shared_slow: bool = False
+    share: bool = True  # one set of slow matrices A_i for every layer of the adapter, as in the paper
 
     def validate(self) -> None:
         if int(self.n) < 1:
@@ -41,10 +42,6 @@ class Compacter(MethodConfig):
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"Unknown activation '{self.activation}'; choose one of: {', '.join(ACTIVATIONS)}.")
-        if self.shared_slow:
-            raise ConfigError(
-                "Compacter shared_slow=True needs the engine to share parameters across layers, which "
-                "it cannot do yet; use shared_slow=False (slow matrices per layer).")
 
 
 def _xavier_(t: torch.Tensor) -> torch.Tensor:
@@ -90,36 +87,78 @@ class CompacterModule(AdapterModule):
     where D (size x d) and U (out x size) are PHM layers, D = sum_{i=1..n} A_i ⊗ B_i^D and
     U = sum_i A_i ⊗ B_i^U, with "slow" A_i (n x n) and "fast" B_i = s_i t_i^T of rank `phm_rank`
     (full B_i with phm_rank=None: the PHM-adapter). U starts at zero (t_i^U = 0), so the model
-    starts unchanged; not mergeable, f is nonlinear. Every dimension must be divisible by n.
+    starts unchanged; not mergeable, f is nonlinear. Every dimension must be divisible by n. On a
+    Conv2d the adapter acts on the channels at each position (series: on any convolution's output;
+    parallel: on a pointwise one's input).
 
-    Sharing: the paper shares the slow A_i across all adapter layers of the model (n^3 parameters in
-    all). A module here cannot see its siblings, so each layer owns its A_i, shared only by its
-    own D and U; `shared_slow=True` (the paper's sharing) needs engine support and is refused
-    until the engine ties parameters across layers. Parameters per layer (d read, out written):
-    n^3 + phm_rank (d + size) + phm_rank (size + out) + size + out  (Compacter)
-    n^3 + (d size + size out) / n + size + out                      (PHM-adapter)
+    Sharing: with `share=True` (the default, as in the paper) the slow A_i are one (n, n, n) tensor
+    shared by the D and U of every adapted layer (n^3 parameters in all), held by the engine as the
+    adapter's shared module; `share=False` gives each layer its own A_i, shared by its D and U only.
+    Parameters (d read, out written by layer j; L layers; biases included):
+    n^3 + sum_j [phm_rank (d_j + size) + phm_rank (size + out_j) + size + out_j]   (Compacter)
+    n^3 + sum_j [(d_j size + size out_j) / n + size + out_j]                         (PHM-adapter)
+    with n^3 counted once per layer instead of once in all when share=False. The paper's count,
+    4 L (k + d) + n^3, is this one for rank-one B_i, two adapters per block, no biases.
     """
 
     config_class = Compacter
     capabilities = Capabilities(mergeable=False, mixed_batch=True, elastic_rank=False,
-                                layer_kinds=(LINEAR,))
+                                layer_kinds=(LINEAR, CONV2D))
 
-    def __init__(self, base: nn.Module, config: Compacter):
-        super().__init__(base, config)
-        n = config.n
-        reads = base.out_features if config.placement == "series" else base.in_features
-        for side, dim in (("reads", reads), ("writes", base.out_features)):
-            if dim % n:
-                raise ConfigError(
-                    f"Compacter n={n} must divide the layer sizes, but this layer {side} {dim} features "
-                    f"(in_features={base.in_features}, out_features={base.out_features}); choose n dividing {dim}.")
+    @classmethod
+    def shared_parameters(cls, config: Compacter, bases: dict[str, nn.Module]) -> nn.Module | None:
+        if not config.share:
+            return None
+        for base in bases.values():
+            _check_sizes(base, config)
+        factory = tensor_kwargs(next(iter(bases.values())))
+        return nn.ParameterDict({"phm_rule": _slow_matrices(config.n, factory)})
+
+    def __init__(self, base: nn.Module, config: Compacter, shared: nn.Module | None = None):
+        _check_sizes(base, config)
+        if config.share and shared is None:  # a layer built on its own shares with itself only
+            shared = self.shared_parameters(config, {"": base})
+        super().__init__(base, config, shared)
         factory = tensor_kwargs(base)
-        self.phm_rule = nn.Parameter(torch.randn(n, n, n, **factory) / n)  # slow A_i, std 1/n
-        self.down = PHMLinear(reads, config.size, n, config.phm_rank, zero=False, factory=factory)
-        self.up = PHMLinear(config.size, base.out_features, n, config.phm_rank, zero=True, factory=factory)
+        if not config.share:
+            self.phm_rule = _slow_matrices(config.n, factory)
+        self.down = PHMLinear(_reads(base, config), config.size, config.n, config.phm_rank, zero=False, factory=factory)
+        self.up = PHMLinear(config.size, out_features(base), config.n, config.phm_rank, zero=True, factory=factory)
         self.act = ACTIVATIONS[config.activation]()
+
+    def slow(self) -> torch.Tensor:
+        """The slow matrices A_i (n, n, n) this layer uses: the adapter's shared ones or its own."""
+        return self.shared["phm_rule"] if self.config.share else self.phm_rule
 
     def delta(self, x, base_out, base):
         source = base_out if self.config.placement == "series" else x
-        hidden = self.act(self.down(source, self.phm_rule))
-        return self.up(hidden, self.phm_rule) * self.config.scaling
+        if self.kind == CONV2D:  # channels last, so the PHM layers act at each position
+            source = source.movedim(1, -1)
+        slow = self.slow()
+        out = self.up(self.act(self.down(source, slow)), slow) * self.config.scaling
+        return out.movedim(-1, 1) if self.kind == CONV2D else out
+
+
+def _slow_matrices(n: int, factory: dict) -> nn.Parameter:
+    return nn.Parameter(torch.randn(n, n, n, **factory) / n)  # std 1/n
+
+
+def _reads(base: nn.Module, config: Compacter) -> int:
+    return out_features(base) if config.placement == "series" else in_features(base)
+
+
+def _check_sizes(base: nn.Module, config: Compacter) -> None:
+    kind = layer_kind(base)
+    if kind not in CompacterModule.capabilities.layer_kinds:
+        return  # AdapterModule.__init__ refuses it, naming the layer kinds Compacter accepts
+    pointwise = kind == LINEAR or (tuple(base.kernel_size) == (1, 1) and tuple(base.stride) == (1, 1)
+                                   and base.groups == 1)
+    if config.placement == "parallel" and not pointwise:
+        raise ConfigError("Compacter placement='parallel' reads the layer's input, so on a Conv2d it needs a "
+                          "pointwise one (1x1, stride 1, one group); use placement='series' or narrow the targets.")
+    n, reads, writes = config.n, _reads(base, config), out_features(base)
+    for side, dim in (("reads", reads), ("writes", writes)):
+        if dim % n:
+            raise ConfigError(
+                f"Compacter n={n} must divide the layer sizes, but this layer {side} {dim} features "
+                f"(in_features={in_features(base)}, out_features={writes}); choose n dividing {dim}.")
