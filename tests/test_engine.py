@@ -241,7 +241,7 @@ def test_bad_configs_say_what_is_wrong():
     with pytest.raises(UnknownMethodError, match="Unknown method 'lorax'.*lora"):
         lf.config_from_dict({"method": "lorax"})
     with pytest.raises(ConfigError, match="cannot adapt a Conv2d"):
-        lf.adapt(tiny_net(), lf.Bottleneck(), targets=nn.Conv2d)
+        lf.adapt(tiny_net(), lf.LoRASB(), targets=nn.Conv2d)  # a Linear-only method
 
 
 def test_host_exposes_base_layer_attributes():

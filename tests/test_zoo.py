@@ -95,7 +95,7 @@ def test_data_dir_comes_from_the_environment_first(monkeypatch, tmp_path):
 def test_unknown_dataset_lists_the_names():
     with pytest.raises(DataError, match="bbc-news, tweets-sentiment, austen"):
         zoo.dataset("imagenet")
-    assert set(zoo.DATASETS) == {"bbc-news", "tweets-sentiment", "austen"}
+    assert set(zoo.DATASETS) == {"bbc-news", "tweets-sentiment", "austen", "fashion-mnist"}
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_folder_with_broken_weights(tmp_path):
 def test_unknown_task():
     with pytest.raises(ConfigError, match="Unknown task 'regression'"):
         zoo.model("minilm", task="regression")
-    assert set(zoo.MODELS) == {"minilm", "smollm2-135m"}
+    assert set(zoo.MODELS) == {"minilm", "smollm2-135m", "efficientnet-lite0"}
 
 
 @pytest.mark.integration

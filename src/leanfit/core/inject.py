@@ -1,7 +1,9 @@
 """Find target layers by name, regex or type; wrap them in hosts; unwrap to the original model.
 
 Target forms (as in PEFT, plus types):
-- "all-linear": every nn.Linear except the output head;
+- "all-linear": every nn.Linear and every pointwise Conv2d (1x1 kernel, one group: a Linear applied
+  at each position, as in a CNN's expand / project / head convolutions) except the output head;
+  spatial and depthwise convolutions are left out (name them to adapt them);
 - a list of names: a module matches when its full name equals one or ends with "." + one;
 - a string: a regular expression that must match the full module name;
 - a layer type or tuple of types (nn.Linear, nn.Conv2d, nn.Embedding).
@@ -49,9 +51,15 @@ def _is_head(name: str, model: nn.Module) -> bool:
     return head is not None and dict(model.named_modules()).get(name) is head
 
 
+def _is_linear_map(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Conv2d):
+        return tuple(layer.kernel_size) == (1, 1) and layer.groups == 1
+    return isinstance(layer, nn.Linear)
+
+
 def _matcher(targets: Targets, model: nn.Module):
     if targets == ALL_LINEAR:
-        return lambda name, layer: isinstance(layer, nn.Linear) and not _is_head(name, model)
+        return lambda name, layer: _is_linear_map(layer) and not _is_head(name, model)
     if isinstance(targets, type) or (isinstance(targets, tuple) and all(isinstance(t, type) for t in targets)):
         return lambda name, layer: isinstance(layer, targets)
     if isinstance(targets, str):

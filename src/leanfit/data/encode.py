@@ -1,4 +1,5 @@
-"""Raw text splits -> token tensors (`TensorSplits`), the only form the trainer consumes.
+"""Raw text splits -> token tensors (`TensorSplits`), the only form the trainer consumes (image
+data sets -> pixel values, through `data.images`).
 
 Classification pads every text to `max_length` so batches stack without a collator. Causal LM
 concatenates the documents (EOS between them) and cuts fixed blocks, so no token is padding and
@@ -9,14 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, TensorSplits, TextDataset
+from leanfit.data.images import ImageDataset, encode_images
+from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, IMAGE_CLASSIFICATION, TensorSplits, TextDataset
 from leanfit.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
 
 
-def encode(dataset: TextDataset, tokenizer, max_length: int = 128) -> TensorSplits:
-    """Tokenise every split of `dataset`; a tokenizer without a pad token gets its EOS as pad (kept set)."""
+def encode(dataset: TextDataset | ImageDataset, tokenizer, max_length: int = 128) -> TensorSplits:
+    """Tokenise every split of `dataset`; a tokenizer without a pad token gets its EOS as pad (kept set).
+
+    An image data set takes its model's image processor in place of the tokenizer (max_length unused).
+    """
+    if dataset.task == IMAGE_CLASSIFICATION:
+        return encode_images(dataset, tokenizer)
     if max_length < 2:
         raise ConfigError(f"max_length={max_length} is too small; use at least 2 tokens.")
     if tokenizer.pad_token is None:

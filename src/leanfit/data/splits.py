@@ -1,7 +1,8 @@
 """The data objects that travel between data loading, the trainer and the report.
 
-`TextDataset` holds raw text splits; `TensorSplits` holds them tokenised. Both are plain data, so a
-later step (trainer, report, cache) needs nothing but these objects.
+`TextDataset` holds raw text splits (`data.images.ImageDataset` raw images); `TensorSplits` holds
+them as model inputs. All are plain data, so a later step (trainer, report, cache) needs nothing
+but these objects.
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ import torch
 
 CLASSIFICATION = "classification"
 CAUSAL_LM = "causal-lm"
-TASKS = (CLASSIFICATION, CAUSAL_LM)
+TASKS = (CLASSIFICATION, CAUSAL_LM)  # of text data (the user's own files)
+IMAGE_CLASSIFICATION = "image-classification"
+# The keys of a split that a model takes as inputs (besides `labels`): text or images.
+INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values")
+
+
+def rows(split: dict[str, torch.Tensor]) -> int:
+    """Number of rows in a split of model inputs (0 when it has none)."""
+    key = next((k for k in ("input_ids", "pixel_values") if k in split), None)
+    return 0 if key is None else len(split[key])
 
 
 @dataclass
@@ -33,10 +43,12 @@ class TextDataset:
 
 @dataclass
 class TensorSplits:
-    """Tokenised splits: each split is a dict with equal-length `input_ids`, `attention_mask`, `labels`.
+    """Model-input splits: each split is a dict with equal-length `input_ids`, `attention_mask`,
+    `labels` (text) or `pixel_values`, `labels` (images).
 
     Classification: `labels` has shape (N,). Causal LM: `labels` equals `input_ids` (shape (N, T)),
-    with -100 where there is padding; the model shifts them.
+    with -100 where there is padding; the model shifts them. `task` is the training objective, so
+    image classification travels as CLASSIFICATION: one label per row, scored by accuracy.
     """
 
     task: str

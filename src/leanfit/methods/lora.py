@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import (tensor_kwargs, CONV2D, EMBEDDING, LINEAR, AdapterModule, Capabilities, MethodConfig,
-                   in_features, out_features)
+from .base import (tensor_kwargs, CONV2D, EMBEDDING, LINEAR, AdapterModule, Capabilities, LowRank, MethodConfig,
+                   conv_with, in_features, out_features)
 from .registry import register
 
 LORA_INITS = ("default", "gaussian", "pissa")
@@ -57,9 +57,8 @@ def _low_rank_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: nn.
     """B A x for one layer kind, with `a` (r x in[...]) and `b` (out x r)."""
     if kind == LINEAR:
         return F.linear(F.linear(x, a), b)
-    if kind == CONV2D:
-        h = F.conv2d(x, a.view(a.shape[0], *base.weight.shape[1:]), None, base.stride,
-                     base.padding, base.dilation, base.groups)
+    if kind == CONV2D:  # A: a conv with the base's kernel (and padding rule); B: a 1x1 conv
+        h = conv_with(base, x, a.view(a.shape[0], *base.weight.shape[1:]))
         return F.conv2d(h, b.view(*b.shape, 1, 1))
     h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
                     base.scale_grad_by_freq, base.sparse)
@@ -77,7 +76,10 @@ def _as_base_layout(delta: torch.Tensor, base: nn.Module) -> torch.Tensor:
 class LoRAModule(AdapterModule):
     """LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021).
 
-    h = W x + (alpha / r) * B A x, with A (r x in) and B (out x r) trained and W frozen. rsLoRA
+    h = W x + (alpha / r) * B A x, with A (r x in) and B (out x r) trained and W frozen. On a Conv2d
+    (as in PEFT) A is a convolution with the base's kernel, stride and padding (r x in x kh x kw) and B
+    a 1x1 convolution, so B A reshaped is the weight update and merging is exact; grouped
+    (depthwise) convolutions are refused. rsLoRA
     (Kalajdzievski, 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA") scales by
     alpha / sqrt(r). The PiSSA init (Meng et al., 2024, "PiSSA: Principal Singular Values and
     Singular Vectors Adaptation") starts A, B at the principal SVD factors of W, U_r S_r^(1/2) and
@@ -95,7 +97,9 @@ class LoRAModule(AdapterModule):
         n_in = base.weight[0].numel() if self.kind == CONV2D else in_features(base)
         n_out = out_features(base)
         if self.kind == CONV2D and base.groups != 1:
-            raise ConfigError("LoRA on grouped convolutions is not supported; exclude those layers.")
+            # A depthwise kernel is one small filter per channel: no channel-mixing matrix to factor.
+            raise ConfigError(f"LoRA cannot adapt a grouped (e.g. depthwise) convolution (groups={base.groups}); "
+                              "leave those layers out of the targets ('all-linear' does).")
         factory = tensor_kwargs(base)
         self.lora_A = nn.Parameter(torch.empty(r, n_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(n_out, r, **factory))
@@ -146,6 +150,14 @@ class LoRAModule(AdapterModule):
         if hasattr(self, "lora_A0"):
             delta = delta - self.lora_B0 @ self.lora_A0
         return _as_base_layout(delta * scaling, base), None
+
+    def batched_form(self, base):
+        if self.kind != LINEAR:
+            return None
+        a, b, scaling = self.factors()
+        if hasattr(self, "lora_A0"):  # B A - B0 A0 is the rank-2r product [B, -B0] [A; A0]
+            a, b = torch.cat([a, self.lora_A0]), torch.cat([b, -self.lora_B0], dim=1)
+        return LowRank(a, b, scaling)
 
 
 @dataclass
@@ -246,3 +258,6 @@ class LoRASBModule(AdapterModule):
 
     def delta_weight(self, base):
         return self.lora_B @ self.lora_R @ self.lora_A * self.config.alpha, None
+
+    def batched_form(self, base):
+        return LowRank(self.lora_R @ self.lora_A, self.lora_B, self.config.alpha)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import (CONV2D, EMBEDDING, LINEAR, AdapterModule, Capabilities, MethodConfig,
+from .base import (CONV2D, EMBEDDING, LINEAR, AdapterModule, Capabilities, ChannelAffine, MethodConfig,
                    channel_view, out_features)
 from .registry import register
 
@@ -72,6 +72,9 @@ class IA3Module(AdapterModule):
         bias = getattr(base, "bias", None)
         return _row_scaled(base, factor), None if bias is None else bias * factor
 
+    def batched_form(self, base):
+        return ChannelAffine(scale=self.ia3_l - 1)
+
 
 @dataclass
 class SSF(MethodConfig):
@@ -106,6 +109,9 @@ class SSFModule(AdapterModule):
         factor = self.ssf_scale - 1
         return _row_scaled(base, factor), _base_bias(base, "SSF") * factor + self.ssf_shift
 
+    def batched_form(self, base):
+        return ChannelAffine(scale=self.ssf_scale - 1, shift=self.ssf_shift)
+
 
 @dataclass
 class BitFit(MethodConfig):
@@ -138,3 +144,6 @@ class BitFitModule(AdapterModule):
     def delta_weight(self, base):
         _base_bias(base, "BitFit")
         return None, self.bias_delta
+
+    def batched_form(self, base):
+        return ChannelAffine(shift=self.bias_delta)

@@ -1,7 +1,8 @@
 """Where a network's transformer blocks are, which of them train, and layer-selection policies.
 
 Generic over Hugging Face models and plain modules: the blocks are the longest `nn.ModuleList`
-whose children share one class (`bert.encoder.layer`, `model.layers`, ...).
+whose children share one class (`bert.encoder.layer`, `model.layers`, ...; in a CNN its stack of
+residual blocks, e.g. EfficientNet's 16 MBConv blocks `efficientnet._blocks`).
 """
 
 from __future__ import annotations

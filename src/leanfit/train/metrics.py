@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION
+from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, INPUT_KEYS, rows
 from leanfit.errors import ConfigError, DataError
 from leanfit.io import atomic_write_bytes
 
 IGNORE_INDEX = -100
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+MODEL_INPUTS = (*INPUT_KEYS, "labels")
 
 
 def batch_at(split: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> dict:
@@ -29,7 +29,7 @@ def batch_at(split: dict[str, torch.Tensor], index: torch.Tensor, device: torch.
 
 
 def split_size(split: dict[str, torch.Tensor]) -> int:
-    return len(split["input_ids"]) if "input_ids" in split else 0
+    return rows(split)
 
 
 def evaluate_split(

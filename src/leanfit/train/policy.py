@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..data.splits import INPUT_KEYS, rows
 from ..errors import ConfigError
 from .layers import LISA
 from .prefix_cache import PrefixCache
@@ -41,7 +42,7 @@ class LeanPolicy:
         if self.prefix == "off":
             return
         device = next(self.model.parameters()).device
-        sample = {k: v[:2].to(device) for k, v in data.train.items() if k in ("input_ids", "attention_mask")}
+        sample = {k: v[:2].to(device) for k, v in data.train.items() if k in INPUT_KEYS}
         self.plan = PrefixCache.plan(self.model, sample)
         self.info["boundary"] = self.plan.boundary if self.plan else None
         if self.plan is None or self.prefix != "cache":
@@ -53,7 +54,7 @@ class LeanPolicy:
 
     def ensure(self, split: str) -> None:
         """Compute a split's prefix on first use (the test split's only if it is evaluated)."""
-        if self.cache is None or self.cache.has(split) or len(self._splits[split]["input_ids"]) == 0:
+        if self.cache is None or self.cache.has(split) or rows(self._splits[split]) == 0:
             return
         attached = self.cache.attached
         if attached:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.splits import INPUT_KEYS, rows
 from .layers import lowest_trainable_block, transformer_blocks
 
 MEMORY_LIMIT_BYTES = 2 << 30  # above this a split's cache goes to a memory-mapped file
@@ -42,7 +43,7 @@ class CachePlan:
 
 
 def _batch(split: dict, index: torch.Tensor, device) -> dict:
-    return {k: split[k][index].to(device) for k in ("input_ids", "attention_mask") if k in split}
+    return {k: split[k][index].to(device) for k in INPUT_KEYS if k in split}
 
 
 def _execution_order(model: nn.Module, sample: dict, stop_at: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
@@ -106,7 +107,7 @@ class PrefixCache:
         was_training = model.training
         model.eval()
         for name, split in splits.items():
-            n = len(split["input_ids"])
+            n = rows(split)
             if n == 0:
                 continue
             captured = {}

