@@ -73,4 +73,179 @@ def test_unknown_or_merged_adapters_are_refused():
         forward_mixed(model, {"input_ids": tokens()}, ["a", "b", None, "b"])
     lf.unmerge(model, "a")
     forward_mixed(model, {"input_ids": tokens()}, ["a", "b", None, "b"])
-    assert all(h.row_segments is None for h in lf.core.inject.hosts(model).values())
+    assert all(h.row_plan is None for h in lf.core.inject.hosts(model).values())
+
+
+# -- the batched kernels (core/segments.py): every mode against each adapter's own offline forward --
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from leanfit.core.batching import HotAdapter, merged_adapters, mixed_batch  # noqa: E402
+from leanfit.core.inject import hosts  # noqa: E402
+from leanfit.core.model import adapter_modules  # noqa: E402
+from leanfit.errors import UnknownAdapterError  # noqa: E402
+
+METHODS = {"a": lf.LoRA(rank=2), "b": lf.LoRA(rank=4, alpha=4), "c": lf.IA3(), "d": lf.SSF(), "e": lf.BitFit(),
+           "f": lf.LoRA(rank=3, init="pissa"), "g": lf.DyLoRA(rank=4), "h": lf.LoRASB(rank=2),
+           "i": lf.Bottleneck(size=4)}  # i has no batched form: the per-segment fallback
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64))
+    for seed, (name, config) in enumerate(METHODS.items()):
+        lf.adapt(model, config, targets=["query", "value", "dense"], name=name, train_modules=[])
+        perturb(model, seed=seed + 1)
+    return model.eval()  # after adapting: new adapter modules start in training mode
+
+
+def kernel_modes(model):
+    return {h._rows.low.mode for h in hosts(model).values() if h._rows is not None and h._rows.low is not None}
+
+
+CASES = {  # names per row -> the low-rank kernel modes they must exercise
+    "single": (["a"] * 5, {"single"}),
+    "single-pissa": (["f"] * 3, {"single"}),
+    "equal": (["b", "b", "a", "a", "h", "h"], {"equal"}),
+    "equal-after-base-rows": ([None, "g", "g", None, "a", "a"], {"equal"}),
+    "gather": (["c", "a", None, "b", "a", "i", "d", "e", "f", "g", "h", "b", "a"], {"gather"}),
+    "scales-only": (["c", "d", "e", None, "c"], set()),
+}
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "base-layer-first"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_kernel_mode_equals_each_adapter_alone(bert, case, hooked):
+    names, modes = CASES[case]
+    g = torch.Generator().manual_seed(len(names))
+    ids = torch.randint(1, 100, (len(names), 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    # A forward hook on a base layer makes the host call it and add the deltas afterwards.
+    handles = [h.base_layer.register_forward_hook(lambda *a: None) for h in hosts(bert).values()] if hooked else []
+    try:
+        with torch.inference_mode():
+            with mixed_batch(bert, names) as run:
+                mixed = run({"input_ids": ids, "attention_mask": mask})
+                assert kernel_modes(bert) == modes
+            for i, name in enumerate(names):
+                lf.activate(bert, name) if name else lf.deactivate(bert)
+                own = bert(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])
+                assert (mixed.last_hidden_state[i] - own.last_hidden_state[0]).abs().max() <= 1e-5, (i, name)
+                assert (mixed.pooler_output[i] - own.pooler_output[0]).abs().max() <= 1e-5, (i, name)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert all(h.row_plan is None and h._rows is None for h in hosts(bert).values())
+
+
+def test_with_grad_enabled_the_per_segment_path_gives_the_same_rows_and_gradients(bert):
+    names = ["a", "c", None, "i", "a"]
+    ids = torch.randint(1, 100, (5, 6), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fast = forward_mixed(bert, {"input_ids": ids}, names).last_hidden_state
+    lf.set_trainable(bert, "a")
+    slow = forward_mixed(bert, {"input_ids": ids}, names).last_hidden_state
+    assert (fast - slow).abs().max() <= 1e-5
+    slow[0].sum().backward()
+    grads = [p.grad for p in adapter_modules(bert, "a")["encoder.layer.0.attention.self.query"].parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    lf.set_trainable(bert, None)
+    bert.zero_grad(set_to_none=True)
+
+
+def test_a_hot_adapter_is_merged_used_alone_and_restored_bit_for_bit(bert):
+    originals = {n: p.detach().clone() for n, p in bert.named_parameters()}
+    ids = torch.randint(1, 100, (4, 7), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        lf.activate(bert, "b")
+        alone = bert(input_ids=ids).last_hidden_state
+        hot = HotAdapter(bert, after=2)
+        assert hot.prepare(["b"] * 4) is None  # first batch of "b": not yet hot
+        assert hot.prepare(["b"] * 4) == "b" and merged_adapters(bert) == {"b"}
+        merged = forward_mixed(bert, {"input_ids": ids}, ["b"] * 4).last_hidden_state
+        assert (merged - alone).abs().max() <= 1e-5
+        with pytest.raises(AdapterError, match="merged"):
+            forward_mixed(bert, {"input_ids": ids}, ["b", "b", None, "b"])
+        for _ in range(10):  # many merge/unmerge cycles leave the base weights exactly as they were
+            assert hot.prepare(["a", "b"]) is None and not merged_adapters(bert)
+            assert hot.prepare(["a"], forwards=8) == "a"  # a generation merges at once
+        hot.prepare([None])
+    assert all(torch.equal(p, originals[n]) for n, p in bert.named_parameters())
+
+
+def test_an_adapter_that_cannot_merge_stays_unmerged_and_still_serves(bert):
+    hot = HotAdapter(bert, after=1)
+    with torch.inference_mode():
+        assert hot.prepare(["i"] * 2) is None and "i" in hot.unmergeable  # bottleneck: not a weight update
+        forward_mixed(bert, {"input_ids": tokens_bert()}, ["i", "i"])
+
+
+def tokens_bert():
+    return torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(5))
+
+
+def test_adapters_with_trained_heads_cannot_share_a_batch_and_unknown_names_are_404_errors():
+    model = tiny_net()
+    lf.adapt(model, lf.LoRA(rank=2), targets=["query"], name="head", train_modules=["classifier"])
+    lf.adapt(model, lf.LoRA(rank=2), targets=["query"], name="plain", train_modules=[])
+    model.eval()
+    with torch.inference_mode():
+        with pytest.raises(AdapterError, match="trained modules"):
+            forward_mixed(model, {"input_ids": tokens()}, ["head", "plain", "head", "plain"])
+        with pytest.raises(AdapterError, match="trained modules"):
+            forward_mixed(model, {"input_ids": tokens()}, ["head", None, None, None])
+        forward_mixed(model, {"input_ids": tokens()}, ["head"] * 4)
+        with pytest.raises(UnknownAdapterError, match="'zz'"):
+            forward_mixed(model, {"input_ids": tokens()}, ["zz"] * 4)
+
+
+class Flattening(torch.nn.Module):
+    """A model that folds the batch into the token axis before its linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        return self.proj(h.view(-1, 8)).view(*input_ids.shape, 8)
+
+
+def test_a_layer_that_does_not_see_the_batch_first_is_refused_rather_than_mixed_up():
+    torch.manual_seed(0)
+    model = Flattening()
+    lf.adapt(model, lf.LoRA(rank=2), targets=["proj"], name="a", train_modules=[])
+    with torch.inference_mode(), pytest.raises(AdapterError, match="first axis"):
+        forward_mixed(model, {"input_ids": tokens()}, ["a", None, "a", None])
+
+
+def test_a_kv_cache_stays_in_the_callers_row_order_across_generation_steps():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    lf.adapt(model, lf.LoRA(rank=4), targets=["q_proj", "v_proj", "down_proj"], name="a", train_modules=[])
+    perturb(model, seed=1, scale=0.3)
+    lf.adapt(model, lf.IA3(), targets="all-linear", name="b", train_modules=[])
+    perturb(model, seed=2, scale=0.3)
+    model.eval()
+    names = ["b", None, "a", "b", "a"]  # not sorted: inputs, logits and the cache are reordered each step
+    prompts = torch.randint(0, 60, (5, 6), generator=torch.Generator().manual_seed(7))
+    steps = 6
+    with torch.inference_mode():
+        ids, cache, mixed = prompts, None, []
+        with mixed_batch(model, names) as run:
+            for _ in range(steps):
+                out = run({"input_ids": ids, "past_key_values": cache, "use_cache": True})
+                cache, ids = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                mixed.append(ids[:, 0])
+        mixed = torch.stack(mixed, 1)
+        for i, name in enumerate(names):
+            lf.activate(model, name) if name else lf.deactivate(model)
+            seq = prompts[i:i + 1]
+            for _ in range(steps):  # no cache, the whole sequence every step
+                seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            assert seq[0, 6:].tolist() == mixed[i].tolist(), (i, name)
+    assert len(set(map(tuple, mixed.tolist()))) > 2  # the adapters make a difference

@@ -30,6 +30,10 @@ class AdapterError(LeanfitError, KeyError):
         return self.args[0]
 
 
+class UnknownAdapterError(AdapterError):
+    """A request or a batch names an adapter that does not exist (the server answers 404)."""
+
+
 class ArtifactError(LeanfitError):
     """An adapter file is missing, truncated, corrupt or of an unknown schema."""
 

@@ -3,7 +3,8 @@
 The base layer stays inside the host untouched (PEFT's `base_layer` idea), so injection is uniform
 and unwrapping gives back the very same module. Forward paths:
 - unmerged: h = base(x) + sum of delta(x, base(x)) over the active, unmerged adapters;
-- merged: an adapter's delta_weight was added into the base weight and it is skipped in forward.
+- merged: an adapter's delta_weight was added into the base weight and it is skipped in forward;
+- mixed rows: under a row plan (core/batching.py) each row gets its own adapter (core/segments.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..methods.base import AdapterModule
+from .segments import HostRows
 
 
 class AdapterHost(nn.Module):
@@ -21,10 +23,14 @@ class AdapterHost(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
-        # Set only inside core.batching.row_plan: (adapter or None, start, end) row ranges.
-        self.row_segments: tuple | None = None
-        # Deltas added at merge time, kept so that unmerge subtracts exactly what merge added.
+        # Set only inside core.batching.mixed_batch: the RowPlan of the batch, and what this host
+        # built for it (once, reused by every forward under the plan, e.g. each generation step).
+        self.row_plan = None
+        self._rows: HostRows | None = None
+        # Deltas added at merge time, kept so that unmerge subtracts exactly what merge added, or
+        # the original tensors where the merge asked for a bit-exact restore (hot adapters).
         self._merged: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._originals: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     # -- attributes of the base layer that model code reads (weight, in_features, ...) --
     def __getattr__(self, name: str):
@@ -49,10 +55,14 @@ class AdapterHost(nn.Module):
     def merged(self) -> list[str]:
         return list(self._merged)
 
+    def set_row_plan(self, plan) -> None:
+        """Enter (a RowPlan) or leave (None) a mixed batch; what was built for a plan is dropped."""
+        self.row_plan, self._rows = plan, None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_plan is not None:
+            return self._forward_rows(x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
-        if self.row_segments is not None:
-            return self._forward_segments(x, out)
         pending = [n for n in self.active if n not in self._merged]
         if not pending:
             return out
@@ -61,17 +71,31 @@ class AdapterHost(nn.Module):
             out = out + self.adapters[name].delta(x, base_out, self.base_layer)
         return out
 
-    def _forward_segments(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Each contiguous row range gets its own adapter's delta (rows were sorted by adapter)."""
-        segments = [(n, s, e) for n, s, e in self.row_segments if n is not None and n in self.adapters]
-        if not segments:
-            return out
-        if len(segments) == 1 and segments[0][1] == 0 and segments[0][2] == len(out):
-            name = segments[0][0]  # one adapter for the whole batch: the plain path
-            return out + self.adapters[name].delta(x, out, self.base_layer)
+    def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row gets its own adapter's delta. A merged adapter is already in the weight (the
+        plan then uses it alone, which core.batching checks), so it is skipped here."""
+        plan = self.row_plan
+        mine = [(n, s, e) for n, s, e in plan.segments
+                if n is not None and n in self.adapters and n not in self._merged]
+        if not mine:
+            return self.base_layer(x, *args, **kwargs)
+        if x.shape[0] != plan.n_rows:
+            raise AdapterError(
+                f"An adapted layer received {x.shape[0]} rows in a mixed batch of {plan.n_rows}; mixed batches "
+                "need the batch on the first axis of every adapted layer's input: leave this layer out of "
+                "the targets.")
+        if torch.is_grad_enabled() or args or kwargs:
+            return self._forward_segments(x, self.base_layer(x, *args, **kwargs), mine)
+        if self._rows is None:
+            self._rows = HostRows(self.adapters, mine, plan.n_rows, self.base_layer)
+        return self._rows.forward(self.base_layer, x)
+
+    def _forward_segments(self, x: torch.Tensor, out: torch.Tensor, segments) -> torch.Tensor:
+        """The autograd-safe path: each contiguous row range adds its adapter's delta."""
         result = out.clone()
         for name, start, end in segments:
-            result[start:end] += self.adapters[name].delta(x[start:end], out[start:end], self.base_layer)
+            result[start:end] = result[start:end] + self.adapters[name].delta(
+                x[start:end], out[start:end], self.base_layer)
         return result
 
     # -- merging --
@@ -87,10 +111,20 @@ class AdapterHost(nn.Module):
                 None if d_bias is None else d_bias.detach().clone())
 
     @torch.no_grad()
-    def merge(self, name: str, delta=None) -> None:
+    def merge(self, name: str, delta=None, keep_original: bool = False) -> None:
+        """Add the adapter's delta into the base weight. keep_original: also keep a copy of the
+        weight and bias, so unmerge restores them bit for bit (subtracting the delta is exact only
+        to float rounding, which adds up over many merge/unmerge cycles of a long-running server)."""
         if name in self._merged:
             return
+        if self._originals or (keep_original and self._merged):
+            raise AdapterError(f"Adapter '{name}' cannot be merged with a restore copy on top of another merged "
+                               f"adapter ({', '.join(self._merged)}); unmerge that one first.")
         d_weight, d_bias = delta if delta is not None else self.merge_delta(name)
+        bias = getattr(self.base_layer, "bias", None)
+        if keep_original:
+            self._originals[name] = (self.base_layer.weight.detach().clone() if d_weight is not None else None,
+                                     bias.detach().clone() if d_bias is not None else None)
         if d_weight is not None:
             self.base_layer.weight.add_(d_weight)
         if d_bias is not None:
@@ -100,10 +134,13 @@ class AdapterHost(nn.Module):
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
         d_weight, d_bias = self._merged.pop(name, (None, None))
-        if d_weight is not None:
-            self.base_layer.weight.sub_(d_weight)
-        if d_bias is not None:
-            self.base_layer.bias.sub_(d_bias)
+        w0, b0 = self._originals.pop(name, (None, None))
+        for tensor, delta, original in ((self.base_layer.weight, d_weight, w0),
+                                        (getattr(self.base_layer, "bias", None), d_bias, b0)):
+            if original is not None:
+                tensor.copy_(original)
+            elif delta is not None:
+                tensor.sub_(delta)
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"

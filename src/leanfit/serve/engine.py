@@ -5,8 +5,10 @@ loads change the model's modules, so exactly one thread may touch the model. Req
 `Job` on a thread-safe queue and await its events on their own asyncio queue (the worker hands them
 over with `call_soon_threadsafe`). The worker takes the first job, waits a short window (a few ms)
 for more, makes every needed adapter resident (loading and evicting between batches), then runs all
-rows in one mixed-adapter forward pass (`core.batching.forward_mixed`). Loads and unloads asked for
-by the API are queued like requests, so they too run between batches and never fail a running one.
+rows in one mixed-adapter forward pass (`core.batching`; generation in serve/generation.py). Loads
+and unloads asked for by the API are queued like requests, so they too run between batches and never
+fail a running one. A batch that uses a single adapter may run with it merged (`HotAdapter`): every
+step of a generation, or from the second batch of that adapter in a row.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.batching import RowPlan, forward_mixed
+from ..core.batching import HotAdapter, forward_mixed
 from ..core.model import adapters
 from ..errors import ConfigError
+from .generation import GenerationParams, generate
 from .registry import AdapterRegistry
 
 EMBEDDING, CAUSAL_LM = "embedding", "causal-lm"
@@ -52,22 +55,12 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
-@dataclass
-class GenerationParams:
-    prompts: list[list[int]]  # token ids, one per choice
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
 class Engine:
     """Runs embeddings or generation for a base model plus the adapters of a registry."""
 
     def __init__(self, model: nn.Module, tokenizer, registry: AdapterRegistry, model_name: str = "base",
                  task: str | None = None, max_batch_size: int = 32, batch_window_s: float = 0.005,
-                 max_length: int = 512, on_batch: Callable[[int], None] | None = None):
+                 max_length: int = 512, on_batch: Callable[[int], None] | None = None, hot_merge: bool = True):
         if adapters(model):
             raise ConfigError(f"The model already holds adapters {sorted(adapters(model))}; pass the bare base "
                               "model and let the registry load adapters.")
@@ -76,6 +69,7 @@ class Engine:
         self.task = task or (CAUSAL_LM if type(model).__name__.endswith("ForCausalLM") else EMBEDDING)
         self.max_batch_size, self.batch_window_s, self.max_length = max_batch_size, batch_window_s, max_length
         self.on_batch = on_batch  # called with each batch's row count (metrics)
+        self.hot = HotAdapter(model) if hot_merge else None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -184,9 +178,15 @@ class Engine:
                 ready.append(job)
         if not ready:
             return
+        if self.hot is not None:
+            steps = max(j.payload.max_tokens for j in ready) if kind == "generate" else 1
+            self.hot.prepare([j.adapter for j in ready], forwards=steps)
         try:
             with torch.inference_mode():
-                (self._embed if kind == "embed" else self._generate)(ready)
+                if kind == "embed":
+                    self._embed(ready)
+                else:
+                    self._generate(ready)
         except Exception as err:  # a bad batch fails its own requests, never the worker
             for job in ready:
                 job.emit("error", err)
@@ -211,6 +211,11 @@ class Engine:
             job.emit("done", {"vectors": [v.tolist() for v in vectors[at:at + n]], "prompt_tokens": tokens})
             at += n
 
+    def _generate(self, jobs: list[Job]) -> None:
+        if self.on_batch:
+            self.on_batch(sum(len(job.payload.prompts) for job in jobs))
+        generate(self.model, self.tokenizer, jobs)
+
     def _token_rows(self, inputs: list) -> list[list[int]]:
         out = []
         for item in inputs:
@@ -218,108 +223,6 @@ class Engine:
                 item = self.tokenizer(item, truncation=True, max_length=self.max_length)["input_ids"]
             out.append(list(item)[: self.max_length])
         return out
-
-    # -- generation --
-    def _generate(self, jobs: list[Job]) -> None:
-        """Greedy or sampled decoding of every row at once, with the model's KV cache.
-
-        Rows are sorted by adapter once, before the first step, so forward_mixed's own sort is the
-        identity and the cache it returns stays in our row order across steps. Prompts are left-padded;
-        position ids follow the attention mask, so a padded row sees the positions it would see alone."""
-        rows = [_Row(job, c, ids, job.payload) for job in jobs for c, ids in enumerate(job.payload.prompts)]
-        rows = [rows[i] for i in RowPlan.of([r.job.adapter for r in rows]).order.tolist()]
-        names = [r.job.adapter for r in rows]
-        if self.on_batch:
-            self.on_batch(len(rows))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(r.ids) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows])
-        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        eos = getattr(self.model.config, "eos_token_id", None)
-        eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {self.tokenizer.eos_token_id}
-        for _ in range(max(r.params.max_tokens for r in rows)):
-            out = forward_mixed(self.model, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                             "past_key_values": cache, "use_cache": True}, names)
-            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
-            next_ids = [r.next_token(logits[i]) if not r.finished else pad for i, r in enumerate(rows)]
-            for r, token in zip(rows, next_ids):
-                if not r.finished:
-                    r.push(token, eos, self.tokenizer)
-            if all(r.finished for r in rows):
-                break
-            ids = torch.tensor(next_ids).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
-            positions = positions[:, -1:] + 1
-        for job in jobs:
-            mine = sorted((r for r in rows if r.job is job), key=lambda r: r.choice)
-            job.emit("done", {"choices": [{"index": r.choice, "text": r.final_text(),
-                                           "finish_reason": r.finish_reason or "length"} for r in mine],
-                              "prompt_tokens": sum(len(r.ids) for r in mine),
-                              "completion_tokens": sum(len(r.generated) for r in mine)})
-
-
-class _Row:
-    """One choice being generated: its tokens, sampler, stop rules and the text already streamed."""
-
-    def __init__(self, job: Job, choice: int, ids: list[int], params: GenerationParams):
-        self.job, self.choice, self.ids, self.params = job, choice, list(ids), params
-        self.generated: list[int] = []
-        self.text, self.sent, self.finish_reason = "", 0, None
-        self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed + choice if params.seed is not None else torch.seed())
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None or self.job.cancelled
-
-    def next_token(self, logits: torch.Tensor) -> int:
-        if self.generator is None:
-            return int(logits.argmax())
-        return sample(logits, self.params.temperature, self.params.top_p, self.generator)
-
-    def push(self, token: int, eos: set, tokenizer) -> None:
-        if token in eos:
-            self.finish_reason = "stop"
-        else:
-            self.generated.append(token)
-            self.text = tokenizer.decode(self.generated, skip_special_tokens=True)
-            hits = [self.text.find(s) for s in self.params.stop if s and s in self.text]
-            if hits:
-                self.text, self.finish_reason = self.text[:min(hits)], "stop"
-            elif len(self.generated) >= self.params.max_tokens:
-                self.finish_reason = "length"
-        self._stream()
-
-    def _stream(self) -> None:
-        """Send the text that can no longer change: hold back a possible stop-sequence prefix and a
-        half-decoded character."""
-        end = len(self.text)
-        if self.finish_reason is None:
-            hold = max((len(s) - 1 for s in self.params.stop), default=0)
-            end = max(self.sent, end - hold)
-            if self.text[self.sent:end].endswith("\ufffd"):
-                end = self.text.rfind("\ufffd", self.sent, end)
-        if end > self.sent:
-            self.job.emit("delta", (self.choice, self.text[self.sent:end]))
-            self.sent = end
-
-    def final_text(self) -> str:
-        return self.text
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p, renormalised."""
-    probs = F.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sentence-transformers pooling: mean over real tokens, then unit L2 norm."""

@@ -20,14 +20,11 @@ from pathlib import Path
 from torch import nn
 
 from ..core import artifact
-from ..core.model import adapter_modules, delete
-from ..errors import AdapterError, ArtifactError, ConfigError
+from ..core.model import activate as set_active
+from ..core.model import active, adapter_modules, delete
+from ..errors import AdapterError, ArtifactError, ConfigError, UnknownAdapterError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-class UnknownAdapterError(AdapterError):
-    """The request names an adapter that is not in the registry (HTTP 404)."""
 
 
 class InvalidAdapterNameError(ConfigError):
@@ -94,9 +91,10 @@ class AdapterRegistry:
                 errors[name] = err
         return errors
 
-    def load(self, model: nn.Module, name: str, keep=()) -> bool:
+    def load(self, model: nn.Module, name: str, keep=(), activate: bool = False) -> bool:
         """Load adapter `name` if it is not resident and mark it most recently used; returns whether
-        it was loaded now."""
+        it was loaded now. Requests name their adapter per row, so loading leaves the model's active
+        adapters as they were unless `activate`; the adapter takes the model's train/eval mode."""
         path = self.path_of(name)
         with self._lock:
             if name in self._resident:
@@ -109,8 +107,12 @@ class AdapterRegistry:
                 "serve it on its own model instead.")
         size = int(manifest.get("tensors", {}).get("bytes", 0))
         self._evict(model, incoming=size, keep=set(keep) | {name})
-        artifact.load(model, path, name)
+        before = active(model)
+        artifact.load(model, path, name)  # makes it the active adapter, as lf.load does
+        set_active(model, *([name] if activate else [n for n in before if n != name]))
         modules = adapter_modules(model, name).values()
+        for module in modules:
+            module.train(model.training)  # dropout off in a served (eval) model
         if not all(m.capabilities.mixed_batch for m in modules):
             delete(model, name)
             raise UnservableAdapterError(f"Adapter '{name}' uses a method that cannot share a batch with other "
