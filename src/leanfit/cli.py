@@ -1,4 +1,7 @@
-"""`leanfit`: one command for the main jobs: tune, eval, export, info.
+"""`leanfit`: one command for the main jobs: tune, eval, export, info; capabilities add theirs.
+
+A capability (serve, budget, ...) adds subcommands from its own `cli.py` module: a function
+`add_commands(subparsers) -> {name: handler}` that imports nothing heavy until a handler runs.
 
 A user's mistake (bad argument, missing file, unknown method) prints one sentence and exits 2;
 no traceback.
@@ -7,11 +10,12 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from pathlib import Path
 
 from .errors import ConfigError, LeanfitError
+from .tune_options import add_tune_arguments, tune_config
 
 EXIT_USAGE = 2
 
@@ -21,56 +25,12 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message[0].upper()}{message[1:]}; see `{self.prog} --help`.")
 
 
-def _key_value(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise ConfigError(f"Option '{text}' is not KEY=VALUE; write e.g. --set dropout=0.1.")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="leanfit", description="Adapt pretrained networks to new tasks within a budget.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("tune", help="fine-tune a model with an adapter and report test metrics")
-    t.add_argument("--config", help="JSON file of tune options (command-line options override it)")
-    t.add_argument("--model", help="zoo name (minilm, smollm2-135m) or a local Hugging Face model folder")
-    t.add_argument("--data", help="zoo name (bbc-news, tweets-sentiment, austen) or CSV / JSON Lines / saved dataset path")
-    t.add_argument("--task", choices=["classification", "causal-lm"], help="task of your own data")
-    t.add_argument("--text-column", dest="text_column")
-    t.add_argument("--label-column", dest="label_column")
-    t.add_argument("--method", help="adapter method (see `leanfit info --methods`), or full / probe")
-    t.add_argument("--targets", help="'all-linear', comma-separated layer names, or a regular expression")
-    t.add_argument("--exclude", help="comma-separated layer names to leave out")
-    t.add_argument("--rank", type=int, help="rank of LoRA-family methods")
-    t.add_argument("--alpha", type=float, help="LoRA alpha")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any method option")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--batch-size", dest="batch_size", type=int)
-    t.add_argument("--max-length", dest="max_length", type=int)
-    t.add_argument("--max-train-rows", dest="max_train_rows", type=int, help="train on a subset")
-    t.add_argument("--max-eval-rows", dest="max_eval_rows", type=int, help="evaluate on the first N rows")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--output", "-o", help="output directory (adapter, report, checkpoints)")
-    t.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
-    t.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
-    t.add_argument("--early-stopping", dest="early_stopping_patience", type=int, metavar="PATIENCE")
-    t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    lean = t.add_argument_group("lean training")
-    lean.add_argument("--train-layers", dest="train_layers", metavar="K",
-                      help="adapt only the top K blocks (the rest is a frozen prefix); 'auto' (default): the top "
-                           "third; 'all': every block")
-    lean.add_argument("--prefix", choices=["off", "eval", "cache"],
-                      help="frozen prefix: off, eval (no dropout below the trained blocks), cache (computed once)")
-    lean.add_argument("--lisa-layers", dest="lisa_layers", type=int, metavar="N", help="LISA: train N sampled blocks")
-    lean.add_argument("--lisa-period", dest="lisa_period", type=int, metavar="STEPS")
-    lean.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
-    lean.add_argument("--int8-base", dest="int8_base", action="store_true", default=None,
-                      help="store the frozen base's linear weights in int8")
+    add_tune_arguments(t)
 
     e = sub.add_parser("eval", help="evaluate a saved adapter on a data split")
     e.add_argument("adapter", help="adapter directory written by `leanfit tune`")
@@ -86,49 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a saved adapter, or list methods")
     i.add_argument("adapter", nargs="?", help="adapter directory")
     i.add_argument("--methods", action="store_true", help="list the registered methods")
+    for module in CAPABILITIES:
+        COMMANDS.update(importlib.import_module(module).add_commands(sub))
     return p
-
-
-def _tune_config(args: argparse.Namespace):
-    from .tune import TuneConfig
-    base = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"Config file '{path}' does not exist; pass a JSON file of tune options.")
-        try:
-            base = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"Config file '{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from None
-    config = TuneConfig.from_dict(base)
-    for key in ("model", "data", "task", "text_column", "label_column", "method", "epochs", "lr", "batch_size",
-                "max_length", "max_train_rows", "max_eval_rows", "seed", "output", "checkpoint_every", "resume",
-                "early_stopping_patience", "progress", "train_layers", "prefix", "lisa_layers", "lisa_period",
-                "gradient_checkpointing", "int8_base"):
-        value = getattr(args, key)
-        if value is not None:
-            setattr(config, key, value)
-    if args.targets:
-        config.targets = args.targets if args.targets == "all-linear" or not args.targets.replace(",", "").replace(
-            "_", "").replace(".", "").isalnum() else args.targets.split(",")
-    if args.exclude:
-        config.exclude = args.exclude.split(",")
-    options = dict(config.options)
-    if args.rank is not None:
-        options["rank"] = args.rank
-    if args.alpha is not None:
-        options["alpha"] = args.alpha
-    options.update(_key_value(kv) for kv in args.set)
-    config.options = options
-    if not args.output and not base.get("output"):
-        config.output = f"out/{Path(str(config.data)).stem}-{config.method}"
-    return config
 
 
 def _tune(args) -> int:
     from .train import distributed
     from .tune import headline, run
-    config = _tune_config(args)
+    config = tune_config(args)
     distributed.init_from_env()  # under torchrun: join the process group
     try:
         report = run(config)
@@ -201,6 +127,7 @@ def _info(args) -> int:
 
 
 COMMANDS = {"tune": _tune, "eval": _eval, "export": _export, "info": _info}
+CAPABILITIES: tuple[str, ...] = ("leanfit.budget.cli", "leanfit.budget.search_cli", "leanfit.serve.cli")  # modules with add_commands(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,247 @@
+"""A short calibration of a base model on this machine, cached so estimates and searches are cheap.
+
+What it measures (measure.py), at the run's sequence length and a calibration batch of `rows` rows
+(as many as a forward of about CALIBRATION_FLOPS allows, at most the batch size; times and
+activation memory scale linearly in rows):
+- an eval-mode forward: seconds of the entry (embeddings), one block, the head;
+- training steps with the top 1 and the top 3 blocks learning through frozen weights (as adapters
+  make them): seconds per trained block and of the head with its loss, the bytes autograd keeps per
+  block, and the rise of peak RSS (the two steps' difference is the peak per trained block);
+- the same top-3 step and an all-block forward with a reference adapter (LoRA r=8 on every linear
+  layer), which turn the adapters' traced cost (`AdapterModule.cost`: FLOPs, bytes moved, bytes
+  kept) into seconds and resident bytes on this machine;
+- a full fine-tuning step, an evaluation batch, AdamW's seconds per parameter and per tensor,
+  and what a step on memory just handed back to the OS costs (a run's first step);
+- per data set, on first use: a fresh `leanfit tune` process's resident bytes before its first step
+  (machine.py, a child process).
+
+The cache is one JSON file per key: base model fingerprint and class, labels, task, batch shape,
+thread count and torch version; written atomically; a file whose key differs is measured again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..io import atomic_write_bytes
+from . import machine, measure
+
+VERSION = 1
+CALIBRATION_FLOPS = 8e10  # matmul FLOPs of one forward at the calibration batch (~1 s on 2 cores)
+TRAINED_BLOCKS = (1, 3)  # the two training steps whose difference gives the per-block peak
+REFERENCE_RANK = 8
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("LEANFIT_CACHE", Path.home() / ".cache" / "leanfit")) / "calibration"
+
+
+@dataclass
+class Calibration:
+    """Measured costs of one base model at one batch shape on this machine (see the module doc)."""
+
+    key: dict
+    values: dict
+    path: Path | None = None
+    measured_now: bool = field(default=False, compare=False)  # False: read from the cache
+
+    def footprint(self, config, source: str | None) -> dict:
+        """Resident bytes of a fresh tune process for `config`'s data, by stage; measured once per data set."""
+        fields = ("data", "task", "text_column", "label_column", "seed", "max_length")
+        key = json.dumps({k: getattr(config, k) for k in fields}, sort_keys=True, default=str)
+        table = self.values.setdefault("footprints", {})
+        if key not in table:
+            child = {k: getattr(config, k) for k in fields} | {"model": config.model,
+                                                                 "threads": self.key["threads"]}
+            table[key] = machine.process_footprint(source, child)
+            self.save()
+        return table[key]
+
+    def save(self) -> None:
+        if self.path is not None:
+            data = {"key": self.key, "values": self.values}
+            atomic_write_bytes(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def calibration_key(model: nn.Module, batch_size: int, seq_len: int, task: str) -> dict:
+    from ..core.model import base_fingerprint
+    return {"version": VERSION, "fingerprint": base_fingerprint(model), "model_class": type(model).__name__,
+            "num_labels": getattr(getattr(model, "config", None), "num_labels", None), "task": task,
+            "batch_size": int(batch_size), "seq_len": int(seq_len), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir or default_dir()) / f"{digest}.json"
+
+
+def calibrate(model: nn.Module, batch_size: int, seq_len: int, task: str, *,
+              cache_dir: str | Path | None = None, refresh: bool = False) -> Calibration:
+    """The calibration of `model` (a base model without adapters) at `batch_size` x `seq_len`: from
+    the cache when its key matches, else measured now (tens of seconds) and cached in `cache_dir`
+    (default ~/.cache/leanfit/calibration, or $LEANFIT_CACHE/calibration)."""
+    if model.__dict__.get("leanfit_adapters"):
+        raise ConfigError("Calibrate the base model, without adapters; load a fresh one from the zoo.")
+    key = calibration_key(model, batch_size, seq_len, task)
+    path = cache_path(key, cache_dir)
+    if path.is_file() and not refresh:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return Calibration(key, data["values"], path)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
+            pass  # a damaged cache file is measured again and replaced
+    calibration = Calibration(key, measure_model(model, batch_size, seq_len, task, key["fingerprint"]), path, True)
+    calibration.save()
+    return calibration
+
+
+def measure_model(model: nn.Module, batch_size: int, seq_len: int, task: str, fingerprint: str) -> dict:
+    """Run the measurements; the model's weights, flags, mode and the caller's RNG are left as they were."""
+    from ..train.layers import transformer_blocks
+    found = transformer_blocks(model)
+    if found is None:
+        raise ConfigError("The cost model needs a network built as a stack of repeated blocks (a transformer); "
+                          "this model has none.")
+    if getattr(getattr(model, "config", None), "vocab_size", None) is None:
+        raise ConfigError("The cost model calibrates language models (token inputs); this model takes no token "
+                          "ids, so `leanfit plan` cannot estimate it yet.")
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]):  # dropout, adapter inits and test tensors draw from a fork
+            values = _measure(model, found, batch_size, seq_len, task, fingerprint)
+    finally:
+        model.train(was_training)
+    values["rates"] = _rates(values, found[0])
+    return values
+
+
+def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, fingerprint: str) -> dict:
+    from ..core.model import task_heads
+    blocks = found[1]
+    one = measure.synthetic_batch(model, 1, seq_len, task)
+    layers = measure.layer_specs(model, one, blocks[0])
+    per_row = sum(_linear_flops(s, 1) for s in layers.values())
+    rows = max(1, min(int(batch_size), int(CALIBRATION_FLOPS // max(per_row, 1))))
+    batch = measure.synthetic_batch(model, rows, seq_len, task)
+    heads = task_heads(model)
+    low_n, high_n = (min(n, len(blocks)) for n in TRAINED_BLOCKS)
+    return {
+        "rows": rows, "blocks": len(blocks), "trained_blocks": [low_n, high_n],
+        "block_output_bytes_per_row": _block_output_bytes(model, blocks[-1], one), "layers": layers, "heads": heads,
+        "inference": measure.profile_inference(model, batch),
+        "train_low": measure.profile_train_step(model, batch, low_n, heads, weights=False),
+        "train_high": measure.profile_train_step(model, batch, high_n, heads, weights=False),
+        "reference": _reference(model, batch, high_n, heads, fingerprint, layers),
+        "full": measure.profile_train_step(model, batch, len(blocks), heads, weights=True),
+        "evaluation": measure.profile_evaluation(model, batch, task),
+        "optimizer": machine.optimizer_rates(), "op_s": machine.op_seconds(),
+        "model_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+    }
+
+
+def _reference(model: nn.Module, batch: dict, trained: int, heads: list[str], fingerprint: str,
+               specs: dict) -> dict:
+    """A LoRA r=8 adapter on every linear layer: of the top `trained` blocks in training steps
+    (profiled once, then timed against none, alternating), and of all blocks in eval forwards
+    against none (alternating); the model is unwrapped after (bit-identical)."""
+    from ..core import model as core
+    from ..methods import LoRA
+    from ..train.layers import below_top_k
+    from .cost import layer_costs
+    rows = len(batch["input_ids"])
+
+    def traced(name: str) -> dict:
+        modules = core.adapter_modules(model, name)
+        return layer_costs({n: (m, model.get_submodule(n).base_layer) for n, m in modules.items()}, specs, rows)
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.__dict__["leanfit_fingerprint"] = fingerprint  # spare adapt a second hash of the weights
+    try:
+        core.adapt(model, LoRA(rank=REFERENCE_RANK), targets="all-linear", exclude=below_top_k(model, trained),
+                   name="top")
+        step = measure.profile_train_step(model, batch, trained, heads, weights=None)
+        plain_step, adapted_step = measure.alternate_steps(model, batch, trained, lambda on: core.activate(
+            model, *(["top"] if on else [])))
+        cost_top = traced("top")
+        core.delete(model, "top")
+        core.adapt(model, LoRA(rank=REFERENCE_RANK), targets="all-linear", name="all")
+        cost_all = traced("all")
+        model.eval()
+        plain, adapted = [], []
+        with torch.inference_mode():
+            for i in range(3):
+                for active, times in ((False, plain), (True, adapted)):
+                    core.activate(model, *(["all"] if active else []))
+                    seconds = measure.median_time(lambda: model(**inputs), reps=1, warmup=0)
+                    if i:  # the first round warms up
+                        times.append(seconds)
+    finally:
+        core.unwrap(model)
+    return {"step": step, "cost_top": cost_top, "cost_all": cost_all, "plain_step_s": plain_step,
+            "adapted_step_s": adapted_step,
+            "inference_plain_s": min(plain), "inference_adapted_s": min(adapted)}  # least disturbed runs
+
+
+def _rates(v: dict, blocks_name: str) -> dict:
+    """Machine rates that turn an adapter's traced cost into seconds and resident bytes: FLOP/s of
+    the base blocks' matmuls, seconds per op (a small op's dispatch); from the reference adapter,
+    seconds per byte moved (train, eval) after its FLOPs and ops are accounted for, and resident bytes per byte its backward moves, beyond the bytes it
+    keeps (measured on MiniLM: what LoRA, IA3, SSF and bottleneck adapters keep matches the trace
+    exactly, and the rest of their peak tracks their backward traffic within ~0.1 byte per byte)."""
+    rows, reference = v["rows"], v["reference"]
+    block0 = [s for n, s in v["layers"].items() if n.startswith(f"{blocks_name}.0.")]
+    flop_rate = sum(_linear_flops(s, rows) for s in block0) / max(v["inference"]["block_s"], 1e-9)
+    top, every = reference["cost_top"], reference["cost_all"]
+    op = v["op_s"]
+    train_extra = reference["adapted_step_s"] - reference["plain_step_s"]
+    train_known = (top["forward_flops"] + top["backward_flops"]) / flop_rate + (top["forward_ops"] + top["backward_ops"]) * op
+    infer_extra = reference["inference_adapted_s"] - reference["inference_plain_s"]
+    infer_known = every["forward_flops"] / flop_rate + every["forward_ops"] * op
+    kept_extra = reference["step"]["peak_bytes"] - v["train_high"]["peak_bytes"]
+    return {
+        "flops_per_s": flop_rate, "op_s": op,
+        # a run's first step faults in its activation memory: the cold step after malloc_trim vs warm
+        "fresh_memory_s_per_byte": max(0.0, v["train_high"]["cold_step_s"] - v["train_high"]["step_s"])
+        / max(v["train_high"]["peak_bytes"], 1),
+        "train_s_per_byte": max(0.0, train_extra - train_known) / max(top["forward_bytes"] + top["backward_bytes"], 1),
+        "inference_s_per_byte": max(0.0, infer_extra - infer_known) / max(every["forward_bytes"], 1),
+        # beyond what adapters keep (counted in full), the allocator's growth during their backward
+        "resident_per_backward_byte": max(0.0, kept_extra - top["kept_bytes"]) / max(top["backward_bytes"], 1),
+    }
+
+
+def _linear_flops(spec: dict, rows: int) -> int:
+    if spec["kind"] != "linear":
+        return 0
+    return 2 * rows * math.prod(spec["input_per_row"][:-1] or [1]) * spec["inp"] * spec["out"]
+
+
+def _infer(model: nn.Module, batch: dict) -> None:
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    model.train(was)
+
+
+def _block_output_bytes(model: nn.Module, block: nn.Module, batch: dict) -> int:
+    """Bytes of one row of a block's output: what the prefix cache stores per row."""
+    seen = {}
+    handle = block.register_forward_hook(lambda m, a, out: seen.__setitem__("t", measure._first_tensor(out)))
+    try:
+        _infer(model, batch)
+    finally:
+        handle.remove()
+    t = seen["t"]
+    return int(t[0].numel() * t.element_size())

@@ -1,0 +1,254 @@
+"""`leanfit search`: the most accurate adapter configuration inside a budget, and the trade-offs.
+
+1. The cost model (cost.py) prices every configuration of the space before anything trains; a budget
+   no configuration fits is refused, naming the smallest cost on offer.
+2. A multi-objective Optuna study (validation accuracy up; parameters, or bytes / memory / latency /
+   time, down) samples configurations at a cheap fidelity (a subset of the training rows, few epochs,
+   optionally shorter sequences). The budget enters as Optuna constraints, known before training:
+   a configuration over budget is recorded with its constraint values and never trained. A point
+   proposed twice is trained once.
+3. Successive halving: the most promising configurations (best Pareto ranks, then accuracy) are
+   trained again on `eta` times more rows, and so on; the last rung is the full run as configured,
+   for `finalists` configurations. Each rung is its own study in the same storage, fed through
+   Optuna's trial queue, so it is resumable and shared by workers too.
+
+Every trial trains through `leanfit.tune.run`, the code path of `leanfit tune`, and is judged on the
+validation split (the test split is never looked at by the search).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ConfigError, LeanfitError
+from .pareto import promotion_order
+from .settings import COST_OBJECTIVES, Fidelity, SearchSettings
+from .space import describe
+from .study import make_sampler, open_study, storage_for, work
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (several may share a study)
+
+
+def train_and_validate(config) -> dict:
+    """Train one configuration through `leanfit.tune.run`; its validation metrics after the last epoch."""
+    from ..tune import run
+    report = run(config)
+    output = Path(config.output)
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    validation = [r["values"] for r in records if r.get("kind") == "validation"]
+    shutil.rmtree(output / "checkpoints", ignore_errors=True)  # the adapter is kept; resumption is not needed
+    return {"validation": validation[-1] if validation else report["validation_best"], "wall_s": report["wall_s"],
+            "trainable_params": report["trainable_params"], "adapter": report.get("adapter"), "output": str(output)}
+
+
+class Search:
+    """One worker of a search; `run()` does its share and returns the result every worker agrees on."""
+
+    def __init__(self, settings: SearchSettings, evaluate: Callable[[object], dict] = train_and_validate,
+                 prices: dict | None = None):
+        self.s, self.evaluate = settings, evaluate
+        # Cost estimates by point (without the learning rate); `prices` lets several searches over one
+        # model, data set and run shape share them.
+        self.costs: dict[str, object] = prices if prices is not None else {}
+        self.errors: dict[str, str] = {}
+
+    # --- setup: data, base model, costs of the whole space -------------------------------------------
+    def prepare(self) -> None:
+        from .. import zoo
+        from ..data import CLASSIFICATION, encode
+        from ..tune import load_data
+        base = self.s.base
+        dataset = load_data(base)
+        self.task = dataset.task
+        self.maximize = dataset.task == CLASSIFICATION
+        self.metric = "accuracy" if self.maximize else "perplexity"
+        labels = len(dataset.labels) if self.maximize else None
+        self.model, tokenizer = zoo.model(base.model, task=dataset.task, num_labels=labels, seed=base.seed)
+        self.data = encode(dataset, tokenizer, max_length=base.max_length)
+        self.tokenizer = tokenizer
+        self.train_rows = int(self.data.train["input_ids"].shape[0])
+        for point in self.s.space.points():
+            self.cost(point)
+        priced = [(describe(p, lr=False), self.costs[self._cost_key(p)])
+                  for p in self.s.space.points() if self._cost_key(p) in self.costs]
+        if not priced:
+            reason = next(iter(self.errors.values()), "no point")
+            raise ConfigError(f"No configuration of the search space can be built on this model ({reason}).")
+        from .budget import check_reachable
+        check_reachable(self.s.budget, priced)
+
+    def _cost_key(self, params: dict) -> str:
+        return json.dumps({k: v for k, v in params.items() if k != "log10_lr"}, sort_keys=True)
+
+    def cost(self, params: dict):
+        """CostEstimate of the full run of a point (None, with the reason kept, if it cannot be built)."""
+        from .cost import estimate
+        key = self._cost_key(params)
+        if key not in self.costs and key not in self.errors:
+            try:
+                self.costs[key] = estimate(self.s.space.config(params, self.s.base), model=self.model,
+                                           data=self.data, tokenizer=self.tokenizer)
+            except LeanfitError as err:
+                self.errors[key] = str(err)
+        return self.costs.get(key)
+
+    # --- the fidelity ladder ---------------------------------------------------------------------------
+    def rungs(self) -> list[Fidelity]:
+        s, base = self.s, self.s.base
+        full_rows = min(base.max_train_rows or self.train_rows, self.train_rows)
+        first = s.first_fidelity(full_rows)
+        full = Fidelity(base.max_train_rows, base.epochs, None)
+        if s.finalists == 0 or first.apply(base) == full.apply(base):
+            return [first]
+        ladder, rows = [first], first.rows
+        while rows is not None and rows * s.eta < full_rows:
+            rows *= s.eta
+            ladder.append(replace(first, rows=rows))
+        return ladder + [full]
+
+    # --- one trial -----------------------------------------------------------------------------------------
+    def objective(self, rung: int, fidelity: Fidelity):
+        import optuna
+
+        def run_trial(trial):
+            if rung > 0 and "source" not in trial.user_attrs:  # the queue ran dry under another worker
+                trial.set_user_attr("status", "unused")
+                raise optuna.TrialPruned()
+            params = self.s.space.suggest(trial)
+            trial.set_user_attr("worker", WORKER)
+            trial.set_user_attr("name", describe(params))
+            trial.set_user_attr("fidelity", fidelity.label(self.s.base))
+            cost = self.cost(params)
+            if cost is None:
+                trial.set_user_attr("status", "cannot build")
+                trial.set_user_attr("error", self.errors[self._cost_key(params)])
+                raise optuna.TrialPruned()
+            trial.set_user_attr("cost", _cost_summary(cost))
+            for key, violation in self.s.budget.violations(cost).items():
+                trial.set_constraint(key, violation)
+            if not self.s.budget.fits(cost):
+                trial.set_user_attr("status", "over budget")
+                raise optuna.TrialPruned()
+            same = _same_point(trial)
+            if same is not None:
+                trial.set_user_attr("status", "duplicate")
+                trial.set_user_attr("same_as", same.number)
+                for key in ("validation", "trained_params"):
+                    if key in same.user_attrs:
+                        trial.set_user_attr(key, same.user_attrs[key])
+                return same.values
+            config = fidelity.apply(self.s.space.config(params, self.s.base))
+            config = replace(config, output=str(Path(self.s.output) / "trials" / f"r{rung}-{trial.number:04d}"),
+                             progress=False, checkpoint_every=0, resume=False)
+            trial.set_user_attr("config", asdict(config))
+            try:
+                outcome = self.evaluate(config)
+            except LeanfitError as err:  # e.g. a learning rate that diverges: a result, not a crash
+                trial.set_user_attr("status", "failed")
+                trial.set_user_attr("error", str(err))
+                raise optuna.TrialPruned() from None
+            trial.set_user_attr("status", "trained")
+            trial.set_user_attr("validation", outcome["validation"])
+            trial.set_user_attr("trained_params", outcome["trainable_params"])
+            trial.set_user_attr("wall_s", outcome["wall_s"])
+            trial.set_user_attr("output", outcome.get("output", config.output))  # the run's adapter and report
+            return self.values(outcome["validation"], cost)
+        return run_trial
+
+    def values(self, validation: dict, cost) -> list[float]:
+        return [validation[self.metric], *(float(getattr(cost, COST_OBJECTIVES[o])) for o in self.s.objectives[1:])]
+
+    def directions(self) -> list[str]:
+        return ["maximize" if self.maximize else "minimize"] + ["minimize"] * (len(self.s.objectives) - 1)
+
+    # --- the whole search ------------------------------------------------------------------------------------
+    def run(self):
+        import optuna
+        from .progress import SearchProgress
+        from .report import collect
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says what happens
+        started = time.perf_counter()
+        Path(self.s.output).mkdir(parents=True, exist_ok=True)
+        storage = storage_for(self.s.storage_url())  # a wrong URL fails before any work
+        self.prepare()
+        ladder = self.rungs()
+        studies = []
+        with SearchProgress(self.s.progress, self.metric) as progress:
+            for index, fidelity in enumerate(ladder):
+                name = self.s.study_name if index == 0 else f"{self.s.study_name}/rung{index}:{fidelity.key()}"
+                study = open_study(storage, name, self.directions(), self._sampler_factory(index), self.s.seed,
+                                   self.s.fingerprint() if index == 0 else {"rung_of": self.s.study_name})
+                if index > 0:
+                    count = self.s.finalists if index == len(ladder) - 1 else None
+                    if not self.promote(studies[-1], study, count):
+                        break
+                studies.append(study)
+                total = self.s.trials if index == 0 else len(study.get_trials(deepcopy=False))
+                progress.start_rung(index, fidelity.label(self.s.base), total, study)
+                work(study, self.objective(index, fidelity), target=self.s.trials if index == 0 else None,
+                     on_trial=progress.on_trial)
+        return collect(self, studies, ladder, time.perf_counter() - started)
+
+    def _sampler_factory(self, rung: int) -> Callable[[int], object]:
+        if rung > 0:  # later rungs only run the points queued in them
+            return lambda seed: make_sampler("random", seed, 1)
+        return lambda seed: make_sampler(self.s.sampler, seed, self.s.trials, self.s.startup_trials)
+
+    def promote(self, previous, study, count: int | None) -> bool:
+        """Queue the most promising distinct points of `previous` in `study`; False if there are none."""
+        done = _distinct_complete(previous)
+        if not done:
+            return False
+        if count is None:
+            count = max(self.s.finalists, math.ceil(len(done) / self.s.eta))
+        points = [[-t.values[0] if self.maximize else t.values[0], *t.values[1:]] for t in done]
+        for i in promotion_order(points)[:count]:
+            study.enqueue_trial(done[i].params, user_attrs={"source": done[i].number}, skip_if_exists=True)
+        return True
+
+
+def _same_point(trial):
+    """An earlier finished trial of this study with the same parameters (its result is reused)."""
+    from optuna.trial import TrialState
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.number != trial.number and other.params == trial.params:
+            return other
+    return None
+
+
+def _distinct_complete(study) -> list:
+    from optuna.trial import TrialState
+    seen, found = set(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        key = json.dumps(trial.params, sort_keys=True)
+        if key not in seen and trial.user_attrs.get("status") in ("trained", "duplicate"):
+            seen.add(key)
+            found.append(trial)
+    return found
+
+
+def _cost_summary(cost) -> dict:
+    return {"trainable_params": cost.trainable_params, "total_params": cost.total_params,
+            "trainable_share": cost.trainable_share, "adapter_bytes": cost.adapter_bytes,
+            "train_peak_bytes": cost.train_peak_bytes, "step_seconds": cost.step_seconds,
+            "train_seconds": cost.train_seconds, "inference_latency_ratio": cost.inference_latency_ratio}
+
+
+def search(settings: SearchSettings, evaluate: Callable[[object], dict] = train_and_validate,
+           prices: dict | None = None):
+    """Run (or join, or resume) a search; returns its `SearchResult` (report.py) and writes the outputs.
+
+    `evaluate(config) -> {"validation", "wall_s", "trainable_params", ...}` trains one configuration
+    (default: `leanfit.tune.run`); `prices` is a cost cache shared between searches of one base run."""
+    from .report import write_outputs
+    result = Search(settings, evaluate, prices).run()
+    write_outputs(result, settings.output)
+    return result

@@ -1,0 +1,139 @@
+"""`leanfit search`: find the most accurate adapter configuration inside a budget (search.py).
+
+    leanfit search --budget params=1%,latency=+10% --trials 30 --model minilm --data bbc-news
+    leanfit search ... --storage postgresql://host/db --study-name bbc   # more workers: run it again, anywhere
+
+Imports nothing heavy until the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def add_commands(subparsers) -> dict:
+    p = subparsers.add_parser("search", help="search method x layers x rank x learning rate under a budget")
+    p.add_argument("--budget", default="", help="limits, e.g. params=1%%,latency=+10%%,memory=2GB,bytes=5MB,time=10m")
+    p.add_argument("--trials", type=int, default=20, help="trials at the search fidelity, over all workers")
+    p.add_argument("--objectives", default="accuracy,params",
+                   help="accuracy, then any of params, bytes, memory, latency, time (default accuracy,params)")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    p.add_argument("--sampler-seed", dest="sampler_seed", type=int, default=0)
+    p.add_argument("--startup-trials", dest="startup_trials", type=int, help="random trials before TPE models")
+    run = p.add_argument_group("the run each configuration becomes (as for `leanfit tune`)")
+    run.add_argument("--config", help="JSON file of tune options for the full run (model, data, epochs ...)")
+    run.add_argument("--model", help="zoo name (minilm, smollm2-135m) or a local Hugging Face model folder")
+    run.add_argument("--data", help="zoo name (bbc-news, tweets-sentiment, austen) or a CSV / JSON Lines path")
+    run.add_argument("--task", choices=["classification", "causal-lm"], help="task of your own data")
+    run.add_argument("--text-column", dest="text_column")
+    run.add_argument("--label-column", dest="label_column")
+    run.add_argument("--epochs", type=int, help="epochs of the full run (the last rung)")
+    run.add_argument("--batch-size", dest="batch_size", type=int)
+    run.add_argument("--max-length", dest="max_length", type=int)
+    run.add_argument("--max-eval-rows", dest="max_eval_rows", type=int, help="validate on the first N rows")
+    run.add_argument("--seed", type=int, help="training seed (data split, initialisation)")
+    space = p.add_argument_group("search space")
+    space.add_argument("--methods", help="comma-separated methods (default lora,ia3,bottleneck,ssf,bitfit)")
+    space.add_argument("--train-layers", dest="train_layers", help="top-k block counts and/or all (default 1,2,all)")
+    space.add_argument("--targets", help="target sets: all-linear, attention, query-value (default all-linear,attention)")
+    space.add_argument("--ranks", help="ranks of methods that have one (default 2,4,8,16)")
+    space.add_argument("--lr-range", dest="lr_range", help="MIN:MAX learning rates, two points per decade (default 1e-4:1e-2)")
+    fidelity = p.add_argument_group("fidelity (cheap first, the promising ones in full)")
+    fidelity.add_argument("--max-train-rows", dest="search_rows", default="256",
+                          help="training rows of each search trial (default 256; 'all' for every row)")
+    fidelity.add_argument("--search-epochs", dest="search_epochs", type=int, default=1)
+    fidelity.add_argument("--search-max-length", dest="search_max_length", type=int,
+                          help="sequence length of search trials (default: the run's)")
+    fidelity.add_argument("--search-eval-rows", dest="search_eval_rows", type=int,
+                          help="validate search trials on the first N validation rows (default: the run's)")
+    fidelity.add_argument("--eta", type=int, default=3, help="successive halving: keep 1/eta per rung, eta x the rows")
+    fidelity.add_argument("--finalists", type=int, default=2, help="configurations trained in full (0: none)")
+    out = p.add_argument_group("output and workers")
+    out.add_argument("--output", "-o", help="folder of the study, trials and report (default out/search-DATA)")
+    out.add_argument("--storage", help="Optuna storage URL shared by workers (default sqlite:///OUTPUT/study.db)")
+    out.add_argument("--study-name", dest="study_name", default="search")
+    out.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+    return {"search": _search}
+
+
+def settings_from_args(args):
+    from .budget import parse_budget
+    from .search import SearchSettings
+    from .space import SearchSpace
+    base = _base_config(args)
+    space_options = {}
+    if args.methods:
+        space_options["methods"] = tuple(_items(args.methods))
+    if args.train_layers:
+        space_options["train_layers"] = tuple("all" if v == "all" else _int(v, "--train-layers")
+                                              for v in _items(args.train_layers))
+    if args.targets:
+        space_options["targets"] = tuple(_items(args.targets))
+    if args.ranks:
+        space_options["ranks"] = tuple(_int(v, "--ranks") for v in _items(args.ranks))
+    if args.lr_range:
+        low, _, high = args.lr_range.partition(":")
+        try:
+            space_options.update(lr_min=float(low), lr_max=float(high or low))
+        except ValueError:
+            raise ConfigError(f"--lr-range {args.lr_range} is not MIN:MAX; write e.g. --lr-range 1e-4:1e-2.") from None
+    rows = None if args.search_rows == "all" else _int(args.search_rows, "--max-train-rows")
+    return SearchSettings(
+        base=base, space=SearchSpace(**space_options), budget=parse_budget(args.budget), trials=args.trials,
+        objectives=tuple(_items(args.objectives)), sampler=args.sampler, startup_trials=args.startup_trials,
+        seed=args.sampler_seed, search_rows=rows, search_epochs=args.search_epochs,
+        search_max_length=args.search_max_length, search_eval_rows=args.search_eval_rows, eta=args.eta, finalists=args.finalists,
+        output=args.output or f"out/search-{Path(str(base.data)).stem}", storage=args.storage,
+        study_name=args.study_name, progress=args.progress)
+
+
+def _base_config(args):
+    from ..tune import TuneConfig
+    data = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist; pass a JSON file of tune options.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"Config file '{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from None
+    config = TuneConfig.from_dict(data)
+    for key in ("model", "data", "task", "text_column", "label_column", "epochs", "batch_size", "max_length",
+                "max_eval_rows", "seed"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    return config
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _int(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{option} takes whole numbers, got '{text}'.") from None
+
+
+def _search(args) -> int:
+    from .search import search
+    settings = settings_from_args(args)
+    result = search(settings)
+    output = Path(settings.output)
+    n = result.counts
+    print(f"{n['trials']} trials ({n['trained']} trained, {n['over budget']} over budget, {n['duplicate']} repeated); "
+          f"Pareto front of {len(result.front)} configurations in {output / 'front.csv'}")
+    if result.best is None:
+        print("no configuration inside the budget finished training")
+        return 0
+    b = result.best
+    print(f"best inside the budget: {b['name']}: validation {result.metric} {b['score']:.4f} "
+          f"({result.rungs[b['rung']]['fidelity']}), {b['cost']['trainable_params']:,} trainable parameters "
+          f"({100 * b['cost']['trainable_share']:.3f}%)")
+    print(f"retrain it: leanfit tune --config {output / 'best.json'}; report: {output / 'report.md'}")
+    return 0

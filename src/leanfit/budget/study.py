@@ -1,0 +1,118 @@
+"""Optuna studies for the search: storage, samplers, and the loop that several workers share.
+
+A study lives in a relational Optuna storage (SQLite by default), so a killed search resumes and
+several processes, on one machine or many, work on one study: each asks the storage for its next
+trial. Heartbeats mark a dead worker's running trial as failed after a grace period and queue it
+again (Optuna's RetryHeartbeatStaleTrialCallback), so its configuration is not lost.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Callable
+
+from ..errors import ConfigError
+
+HEARTBEAT_S = 20
+GRACE_S = 60
+POLL_S = 1.0
+SAMPLERS = ("tpe", "nsga2", "random")
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def storage_for(url: str):
+    """An Optuna RDB storage for `url` (sqlite:///..., postgresql://..., mysql://...) with heartbeats."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(5):  # two workers creating the same new database can collide once
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+        except ImportError as err:
+            raise ConfigError(f"The storage {url} needs a database driver that is not installed ({err}); "
+                              "install it or use sqlite:///PATH.") from None
+        except Exception as err:  # sqlalchemy's OperationalError / IntegrityError on a race
+            if attempt == 4 or "rgument" in str(err) or "Could not parse" in str(err):
+                raise ConfigError(f"Cannot open the study storage {url} ({str(err).splitlines()[0]}); "
+                                  "pass an Optuna storage URL such as sqlite:///out/search/study.db.") from None
+            time.sleep(0.2 * (attempt + 1))
+
+
+def make_sampler(name: str, seed: int, trials: int, startup_trials: int | None = None):
+    """TPE (multivariate, grouped for the conditional rank, constant liar for parallel workers),
+    NSGA-II, or random search; all honour the budget constraints that trials set."""
+    import optuna
+    if name not in SAMPLERS:
+        raise ConfigError(f"Unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            startup = startup_trials if startup_trials is not None else min(10, max(3, trials // 3))
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+                                              constant_liar=True)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, trials // 3)))
+        return optuna.samplers.RandomSampler(seed=seed)
+
+
+def open_study(storage, name: str, directions: list[str], sampler_factory: Callable[[int], object],
+               seed: int, settings: dict):
+    """Create the study, or join it if it exists (a resumed run, another worker).
+
+    The process that creates it samples with `seed`; a process that joins draws its own seed from its
+    process id, so workers do not propose the same points. A study started with other settings
+    (space, budget, objectives, fidelity, model, data) is refused rather than mixed.
+    """
+    import optuna
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                    sampler=sampler_factory(seed))
+        study.set_user_attr("settings", settings)
+        return study
+    except optuna.exceptions.DuplicatedStudyError:
+        pass
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler_factory(seed + 1 + os.getpid()))
+    for _ in range(50):  # the creator writes the settings right after creating the study
+        stored = study.user_attrs.get("settings")
+        if stored is not None:
+            break
+        time.sleep(0.1)
+    if stored is not None and stored != settings:
+        key = next(k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k))
+        raise ConfigError(f"The study '{name}' was started with another {key} ({stored.get(key)!r}, now "
+                          f"{settings.get(key)!r}); use the same options to resume it, or a new --study-name.")
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError(f"The study '{name}' optimises other objectives; use a new --study-name.")
+    return study
+
+
+def counts(study) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        found[trial.state.name] = found.get(trial.state.name, 0) + 1
+    return found
+
+
+def work(study, objective, *, target: int | None, on_trial: Callable | None = None) -> None:
+    """Run trials until `target` trials have finished (None: until the queue of waiting trials is
+    empty), then wait for other workers' running trials, so every worker sees the same results."""
+    import optuna
+    from optuna.storages import fail_stale_trials
+    callbacks = [on_trial] if on_trial else None
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)  # a dead worker's trial: failed, and queued again
+        state = counts(study)
+        finished = sum(state.get(s, 0) for s in FINISHED)
+        if state.get("WAITING", 0) or (target is not None and finished + state.get("RUNNING", 0) < target):
+            study.optimize(objective, n_trials=1, callbacks=callbacks, gc_after_trial=True)
+        elif state.get("RUNNING", 0):
+            time.sleep(POLL_S)
+        else:
+            return

@@ -1,0 +1,99 @@
+"""The options of a tune run on the command line, shared by every command that takes a run's
+configuration (`leanfit tune`, `leanfit plan`, ...), and how they become a `TuneConfig`.
+
+Imports nothing heavy: commands are registered before any of them runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError(f"Option '{text}' is not KEY=VALUE; write e.g. --set dropout=0.1.")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `leanfit tune`, added to `parser`."""
+    parser.add_argument("--config", help="JSON file of tune options (command-line options override it)")
+    parser.add_argument("--model", help="zoo name (minilm, smollm2-135m) or a local Hugging Face model folder")
+    parser.add_argument("--data", help="zoo name (bbc-news, tweets-sentiment, austen) or CSV / JSON Lines / saved dataset path")
+    parser.add_argument("--task", choices=["classification", "causal-lm"], help="task of your own data")
+    parser.add_argument("--text-column", dest="text_column")
+    parser.add_argument("--label-column", dest="label_column")
+    parser.add_argument("--method", help="adapter method (see `leanfit info --methods`), or full / probe")
+    parser.add_argument("--targets", help="'all-linear', comma-separated layer names, or a regular expression")
+    parser.add_argument("--exclude", help="comma-separated layer names to leave out")
+    parser.add_argument("--rank", type=int, help="rank of LoRA-family methods")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any method option")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--batch-size", dest="batch_size", type=int)
+    parser.add_argument("--max-length", dest="max_length", type=int)
+    parser.add_argument("--max-train-rows", dest="max_train_rows", type=int, help="train on a subset")
+    parser.add_argument("--max-eval-rows", dest="max_eval_rows", type=int, help="evaluate on the first N rows")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--output", "-o", help="output directory (adapter, report, checkpoints)")
+    parser.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    parser.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
+    parser.add_argument("--early-stopping", dest="early_stopping_patience", type=int, metavar="PATIENCE")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    lean = parser.add_argument_group("lean training")
+    lean.add_argument("--train-layers", dest="train_layers", metavar="K",
+                      help="adapt only the top K blocks (the rest is a frozen prefix); 'auto' (default): the top "
+                           "third; 'all': every block")
+    lean.add_argument("--prefix", choices=["off", "eval", "cache"],
+                      help="frozen prefix: off, eval (no dropout below the trained blocks), cache (computed once)")
+    lean.add_argument("--lisa-layers", dest="lisa_layers", type=int, metavar="N", help="LISA: train N sampled blocks")
+    lean.add_argument("--lisa-period", dest="lisa_period", type=int, metavar="STEPS")
+    lean.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
+    lean.add_argument("--int8-base", dest="int8_base", action="store_true", default=None,
+                      help="store the frozen base's linear weights in int8")
+
+
+def tune_config(args: argparse.Namespace):
+    """The TuneConfig the options ask for: the --config file's keys, overridden by the options given."""
+    from .tune import TuneConfig
+    base = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist; pass a JSON file of tune options.")
+        try:
+            base = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"Config file '{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from None
+    config = TuneConfig.from_dict(base)
+    for key in ("model", "data", "task", "text_column", "label_column", "method", "epochs", "lr", "batch_size",
+                "max_length", "max_train_rows", "max_eval_rows", "seed", "output", "checkpoint_every", "resume",
+                "early_stopping_patience", "progress", "train_layers", "prefix", "lisa_layers", "lisa_period",
+                "gradient_checkpointing", "int8_base"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(config, key, value)
+    if args.targets:
+        config.targets = args.targets if args.targets == "all-linear" or not args.targets.replace(",", "").replace(
+            "_", "").replace(".", "").isalnum() else args.targets.split(",")
+    if args.exclude:
+        config.exclude = args.exclude.split(",")
+    options = dict(config.options)
+    if args.rank is not None:
+        options["rank"] = args.rank
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    options.update(key_value(kv) for kv in args.set)
+    config.options = options
+    if not args.output and not base.get("output"):
+        config.output = f"out/{Path(str(config.data)).stem}-{config.method}"
+    return config

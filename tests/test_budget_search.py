@@ -1,0 +1,206 @@
+"""`leanfit search` on a tiny random BERT and a two-topic CSV: budget parsing and its errors, the space,
+the Pareto helpers, a whole search (front, plot, report, best config inside the budget), resuming the
+same study, two worker processes on one SQLite study, and retraining the best configuration."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from leanfit.budget.budget import check_reachable, parse_budget
+from leanfit.budget.cost import CostEstimate
+from leanfit.budget.pareto import hypervolume_2d, nondominated_ranks, promotion_order
+from leanfit.budget.space import SearchSpace, method_rank_options
+from leanfit.cli import main
+from leanfit.errors import ConfigError
+from leanfit.tune import TuneConfig
+
+WORDS = {"sport": "match goal team win score league coach", "money": "bank market shares profit price trade loan"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 3-block random BERT with a word-level tokenizer, 120 labelled rows, and a calibration cache
+    shared by the tests of this module (and their subprocesses)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    root = tmp_path_factory.mktemp("search")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *sorted({w for t in WORDS.values() for w in t.split()}),
+             *(str(i) for i in range(40))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(root / "model")
+    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=3,
+                                             num_attention_heads=2, intermediate_size=32,
+                                             max_position_embeddings=64)).save_pretrained(root / "model")
+    with open(root / "data.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(60):
+            for topic, words in WORDS.items():
+                writer.writerow([f"{' '.join(words.split()[i % 3:i % 3 + 4])} {i % 40}", topic])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 16-wide model gains nothing from threads, and loses much on a busy machine
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEANFIT_CACHE", str(root / "cache"))
+        mp.setenv("OMP_NUM_THREADS", "1")  # the same in the worker processes
+        yield root
+    torch.set_num_threads(threads)
+
+
+def search_args(tiny, output, trials=6, budget="params=4%", *extra):
+    return ["search", "--model", tiny / "model", "--data", tiny / "data.csv", "--budget", budget,
+            "--trials", trials, "--epochs", 2, "--max-length", 12, "--batch-size", 8, "--methods", "lora,ia3,bitfit",
+            "--train-layers", "1,all", "--ranks", "2,4", "--lr-range", "1e-3:1e-1", "--max-train-rows", 48,
+            "--search-epochs", 2, "--finalists", 1, "--no-progress", "--output", output, *extra]
+
+
+def run_cli(args) -> int:
+    return main([str(a) for a in args])
+
+
+def one_sentence(capsys, args, *fragments):
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("leanfit: ") and "\n" not in err and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def trials_of(output, name="search"):
+    import optuna
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{output / 'study.db'}").trials
+
+
+# --- budgets ------------------------------------------------------------------------------------------
+
+def test_budget_values_parse_to_the_cost_model_units():
+    budget = parse_budget("params=1%,latency=+10%,memory=2GB,bytes=5MiB,time=10m")
+    limits = {limit.key: limit for limit in budget.limits}
+    assert limits["params"].share and limits["params"].value == pytest.approx(0.01)
+    assert limits["latency"].value == pytest.approx(1.10) and limits["memory"].value == 2e9
+    assert limits["bytes"].value == 5 * 2 ** 20 and limits["time"].value == 600
+    count = parse_budget("params=150k").limits[0]
+    assert not count.share and count.value == 150_000
+    assert parse_budget("latency=1.2x").limits[0].value == pytest.approx(1.2)
+    assert parse_budget("").limits == () and parse_budget(None).fits(object())
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("parms=1%", "Unknown budget key 'parms'; valid keys are params, bytes, memory, latency, time"),
+    ("params", "is not KEY=VALUE"),
+    ("memory=lots", "write e.g. memory=5MB"),
+    ("params=0%", "must be above zero"),
+    ("params=1%,params=2%", "given twice"),
+])
+def test_bad_budgets_say_what_to_write(text, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("+", r"\+")):
+        parse_budget(text)
+
+
+def _cost(params, share, adapter_bytes, latency):
+    return CostEstimate(trainable_params=params, total_params=round(params / share), adapter_bytes=adapter_bytes,
+                        train_peak_bytes=10 ** 9, step_seconds=0.1, train_seconds=60.0,
+                        inference_latency_ratio=latency)
+
+
+def test_an_impossible_budget_names_the_smallest_cost():
+    costs = [("ia3, top 1", _cost(100, 0.001, 1000, 1.05)), ("lora r=2, top 1", _cost(1000, 0.01, 5000, 1.01))]
+    check_reachable(parse_budget("params=1%"), costs)  # fits: nothing raised
+    with pytest.raises(ConfigError, match=r"params=0.05% is below the smallest .*ia3, top 1: params=0.100%.*at least 0.100%"):
+        check_reachable(parse_budget("params=0.05%"), costs)
+    with pytest.raises(ConfigError, match=r"bytes=900 .*ia3, top 1: bytes=1.00 kB"):
+        check_reachable(parse_budget("bytes=900"), costs)
+    # each limit alone can be met, both together cannot
+    with pytest.raises(ConfigError, match=r"No single configuration .*params=0.100% \(ia3, top 1\), latency=\+1.0% "
+                                          r"\(lora r=2, top 1\)\); relax"):
+        check_reachable(parse_budget("params=0.5%,latency=+2%"), costs)
+
+
+# --- space and Pareto helpers ----------------------------------------------------------------------------
+
+def test_space_points_become_tune_configs():
+    space = SearchSpace(methods=("lora", "ia3", "bottleneck"), train_layers=(1, "all"), ranks=(2, 8))
+    assert space.learning_rates() == [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2]
+    assert len(space.points()) == 2 * 2 * (2 + 1 + 2) and space.size() == 20 * 5
+    base = TuneConfig(model="m", data="d", epochs=3)
+    lora = space.config({"method": "lora", "train_layers": 1, "targets": "attention", "rank": 2, "log10_lr": -3.0}, base)
+    assert lora.options == {"rank": 2, "alpha": 4.0} and lora.lr == 1e-3 and lora.train_layers == 1
+    assert lora.targets == r"(?:.*\.)?(?:attention|self_attn|attn)\..*" and lora.epochs == 3 and lora.model == "m"
+    assert TuneConfig.from_dict(asdict(lora)) == lora
+    assert method_rank_options("bottleneck", 8) == {"size": 8} and method_rank_options("ia3", 8) == {}
+    with pytest.raises(ConfigError, match="Unknown method 'lorax'"):
+        SearchSpace(methods=("lorax",))
+    with pytest.raises(ConfigError, match="Unknown target set 'mlp'"):
+        SearchSpace(targets=("mlp",))
+
+
+def test_pareto_ranks_promotion_and_hypervolume():
+    points = [(1, 3), (2, 2), (3, 1), (2.5, 2.5), (3, 3)]
+    assert nondominated_ranks(points) == [0, 0, 0, 1, 2]
+    assert hypervolume_2d(points, (4, 4)) == pytest.approx(6.0)
+    assert hypervolume_2d([(5, 1)], (4, 4)) == 0.0
+    # (-accuracy, params): the front first, the most accurate first inside it
+    assert promotion_order([(-0.9, 5), (-0.8, 1), (-0.95, 10), (-0.7, 6)]) == [2, 0, 1, 3]
+
+
+# --- whole searches ------------------------------------------------------------------------------------------
+
+def test_search_writes_front_report_and_a_best_config_inside_the_budget(tiny, tmp_path, capsys):
+    out = tmp_path / "search"
+    assert run_cli(search_args(tiny, out)) == 0
+    assert "best inside the budget" in capsys.readouterr().out
+    result = json.loads((out / "search.json").read_text())
+    assert result["counts"]["trials"] == 6 and result["counts"]["exact_params_matched"]
+    rows = list(csv.DictReader(open(out / "front.csv")))
+    assert rows and all(r["feasible"] == "True" and float(r["trainable_share_pct"]) <= 4.0 for r in rows)
+    for row in csv.DictReader(open(out / "trials.csv")):
+        folder = out / "trials" / f"r{row['rung']}-{int(row['trial']):04d}"
+        assert folder.exists() == (row["status"] == "trained")  # over budget: priced, never trained
+    assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Pareto front" in (out / "report.md").read_text()
+    best = result["best"]
+    assert best["rung"] == 1 and best["feasible"] and best["cost"]["trainable_share"] <= 0.04
+    config = json.loads((out / "best.json").read_text())
+    assert TuneConfig.from_dict(config).max_train_rows is None and config["epochs"] == 2  # the full run
+
+    # resume: the same study goes on to 8 trials; the first 6 are not run again
+    first = {t.number: t.datetime_start for t in trials_of(out)}
+    assert run_cli(search_args(tiny, out, 8)) == 0
+    again = trials_of(out)
+    assert len(again) == 8 and all(again[n].datetime_start == started for n, started in first.items())
+    one_sentence(capsys, search_args(tiny, out, 8, "params=3%"), "was started with another budget", "--study-name")
+
+    # the saved best configuration retrains through `leanfit tune --config`
+    assert run_cli(["tune", "--config", out / "best.json", "--output", tmp_path / "retrain", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "retrain" / "report.json").read_text())
+    assert report["method"] == best["params"]["method"]
+    assert report["trainable_params"] == best["cost"]["trainable_params"]
+
+
+def test_impossible_budget_and_unknown_key_from_the_command_line(tiny, tmp_path, capsys):
+    one_sentence(capsys, search_args(tiny, tmp_path, 2, "parms=1%"), "valid keys are params, bytes")
+    one_sentence(capsys, search_args(tiny, tmp_path, 2, "params=0.01%"), "below the smallest configuration",
+                 "raise the budget to at least")
+    assert not (tmp_path / "trials").exists()
+
+
+def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
+    out = tmp_path / "shared"
+    args = [str(a) for a in search_args(tiny, out, 6, "params=4%", "--finalists", "0")]
+    workers = [subprocess.Popen([sys.executable, "-m", "leanfit.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+    trials = [t for t in trials_of(out) if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(trials) >= 6
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials of the one study
+    assert len({t.number for t in trials}) == len(trials)
