@@ -85,7 +85,7 @@ def run_leanfit(task, dataset, model, tokenizer, policy: dict) -> dict:
     last = [time.perf_counter()]
 
     def on_step(trainer, step):
-        if step % trainer.steps_per_epoch == 0:
+        if step % trainer.batches_per_epoch == 0:
             epochs.append(time.perf_counter() - last[0])
             last[0] = time.perf_counter()
 

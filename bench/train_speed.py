@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks"
 # leanfit's policy per task: what `leanfit tune` picks by default (see docs/lean-training.md).
 POLICIES = {
-    "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3}},
+    "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3},
+            "leanfit-top1": {"train_layers": 1, "prefix": "cache", "lr": 2e-3}},
     "austen": {"leanfit": {"train_layers": 10, "prefix": "cache", "lr": 1e-3}},
 }
 
@@ -79,10 +80,14 @@ def render(results: dict) -> str:
                          f"{r['train_s']['median']:.0f} ({r['train_s']['min']:.0f}-{r['train_s']['max']:.0f}) | "
                          f"{r['epoch_s']['median']:.0f} | {r['tokens_per_s']['median']:.0f} | "
                          f"{r['peak_rss_mb']['median']:.0f} | {shown} |")
-        peft, lean = s["peft"], s["leanfit"]
-        lines += ["", f"leanfit / peft: training time {lean['train_s']['median'] / peft['train_s']['median']:.2f}x, "
-                      f"tokens/s {lean['tokens_per_s']['median'] / peft['tokens_per_s']['median']:.2f}x, "
-                      f"peak RSS {lean['peak_rss_mb']['median'] / peft['peak_rss_mb']['median']:.2f}x.", ""]
+        peft = s["peft"]
+        lines.append("")
+        for name, lean in s.items():
+            if name != "peft":
+                lines.append(f"- {name} / peft: training time {lean['train_s']['median'] / peft['train_s']['median']:.2f}x, "
+                             f"tokens/s {lean['tokens_per_s']['median'] / peft['tokens_per_s']['median']:.2f}x, "
+                             f"peak RSS {lean['peak_rss_mb']['median'] / peft['peak_rss_mb']['median']:.2f}x.")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
