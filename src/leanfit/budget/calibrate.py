@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_bytes
 from . import machine, measure
 
-VERSION = 1
+VERSION = 2  # bumped when what a calibration holds changes
 CALIBRATION_FLOPS = 8e10  # matmul FLOPs of one forward at the calibration batch (~1 s on 2 cores)
 TRAINED_BLOCKS = (1, 3)  # the two training steps whose difference gives the per-block peak
 REFERENCE_RANK = 8
@@ -72,9 +73,23 @@ class Calibration:
             atomic_write_bytes(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
-def calibration_key(model: nn.Module, batch_size: int, seq_len: int, task: str) -> dict:
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """The base model's fingerprint, hashed again only when a weight was replaced or changed in place
+    (a search estimates hundreds of configurations on one model)."""
     from ..core.model import base_fingerprint
-    return {"version": VERSION, "fingerprint": base_fingerprint(model), "model_class": type(model).__name__,
+    stamp = tuple((id(p), p._version) for p in model.parameters())
+    cached = _FINGERPRINTS.get(model)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, base_fingerprint(model))
+        _FINGERPRINTS[model] = cached
+    return cached[1]
+
+
+def calibration_key(model: nn.Module, batch_size: int, seq_len: int, task: str) -> dict:
+    return {"version": VERSION, "fingerprint": _fingerprint(model), "model_class": type(model).__name__,
             "num_labels": getattr(getattr(model, "config", None), "num_labels", None), "task": task,
             "batch_size": int(batch_size), "seq_len": int(seq_len), "threads": torch.get_num_threads(),
             "torch": torch.__version__}

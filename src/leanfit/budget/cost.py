@@ -286,7 +286,7 @@ def _memory(config, shape, calibration, source, params, element, depth, cached, 
     cache_row = v["block_output_bytes_per_row"] if cached else 0
     cache_fit = cache_row * (rows["train"] + rows["validation"])
     train_phase = fixed + cache_fit + gradients + adam + activations
-    eval_rows = min(EVAL_BATCH_SIZE, max(rows.values()))
+    eval_rows = min(EVAL_BATCH_SIZE, max(rows["validation"], rows["test"]))  # the largest evaluation batch
     eval_phase = fixed + cache_fit + cache_row * rows["test"] + adam + v["evaluation"]["peak_bytes"] * eval_rows / v["rows"]
     return {"peak_bytes": max(train_phase, eval_phase), "train_phase_bytes": train_phase,
             "eval_phase_bytes": eval_phase, "process_bytes": fixed, "prefix_cache_bytes": cache_fit + cache_row * rows["test"],
