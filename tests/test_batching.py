@@ -249,3 +249,52 @@ def test_a_kv_cache_stays_in_the_callers_row_order_across_generation_steps():
                 seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
             assert seq[0, 6:].tolist() == mixed[i].tolist(), (i, name)
     assert len(set(map(tuple, mixed.tolist()))) > 2  # the adapters make a difference
+
+
+def test_conv_and_embedding_layers_mix_per_channel_scales_and_per_segment_deltas():
+    model = tiny_net()
+    for seed, (name, config) in enumerate({"lora": lf.LoRA(rank=2), "ia3": lf.IA3(), "ssf": lf.SSF()}.items()):
+        lf.adapt(model, config, targets=["embed", "conv", "query"], name=name, train_modules=[])
+        perturb(model, seed=seed + 1)
+    model.eval()
+    x = tokens(batch=6)
+    names = ["ssf", "lora", None, "ia3", "lora", "ssf"]
+    with torch.inference_mode():
+        mixed = forward_mixed(model, {"input_ids": x}, names)
+        for i, name in enumerate(names):
+            assert (mixed[i] - alone(model, x[i:i + 1], name)[0]).abs().max() <= 1e-5, (i, name)
+
+
+def test_the_stacked_factor_bank_is_reused_and_never_stale():
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64))
+    for seed, name in enumerate("abc"):
+        lf.adapt(model, lf.LoRA(rank=2 + seed), targets=["query", "dense"], name=name, train_modules=[])
+        perturb(model, seed=seed + 1)
+    model.eval()
+    ids = torch.randint(1, 100, (6, 5), generator=torch.Generator().manual_seed(9))
+    host = hosts(model)["encoder.layer.0.attention.self.query"]
+
+    def check(names):
+        with torch.inference_mode():
+            mixed = forward_mixed(model, {"input_ids": ids}, names).last_hidden_state
+            for i, name in enumerate(names):
+                lf.activate(model, name)
+                assert (mixed[i] - model(input_ids=ids[i:i + 1]).last_hidden_state[0]).abs().max() <= 1e-5, (i, name)
+
+    check(["a", "b", "c", "a", "b", "c"])
+    bank = host._bank
+    assert bank is not None and set(bank.index) == {"a", "b", "c"}
+    check(["c", "c", "a", "a", "a", "c"])  # another plan, same adapters: the same bank, gathered
+    assert host._bank is bank
+    with torch.no_grad():  # an in-place change (e.g. a training step) must not leave stale factors
+        lf.core.model.adapter_modules(model, "b")["encoder.layer.0.attention.self.query"].lora_B.mul_(-3)
+    check(["b", "a", "b", "a", "c", "c"])
+    assert host._bank is not bank
+    lf.delete(model, "c")  # the same name back with another rank, maybe at the same address
+    lf.adapt(model, lf.LoRA(rank=5), targets=["query", "dense"], name="c", train_modules=[])
+    perturb(model, seed=7)
+    model.eval()
+    check(["c", "a", "b", "c", "a", "b"])
+    assert host._bank.ranks["c"] == 5

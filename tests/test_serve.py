@@ -191,6 +191,23 @@ def test_registry_keeps_at_most_its_cap_evicting_the_least_recently_used(tmp_pat
             registry.path_of(name)
 
 
+def test_registry_loads_leave_the_active_adapters_alone_and_follow_the_models_mode(tmp_path):
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32))
+    for i, name in enumerate("ab"):
+        save_adapter(model, tmp_path, name, lf.LoRA(rank=2, dropout=0.1), ["query"], seed=i)
+        lf.delete(model, name)
+    model.eval()
+    registry = AdapterRegistry(tmp_path)
+    assert registry.load(model, "a") and lf.active(model) == []
+    assert all(not m.training for m in lf.core.model.adapter_modules(model, "a").values())  # no dropout served
+    registry.load(model, "b", activate=True)
+    assert lf.active(model) == ["b"]
+    registry.unload(model, "b")
+    assert registry.load(model, "b") and lf.active(model) == []
+
+
 # -- generation on a tiny random Llama (fast) --
 
 @pytest.fixture(scope="module")
@@ -259,6 +276,26 @@ def test_one_mixed_batch_generates_what_each_adapter_generates_alone(tiny_llama)
     for (n, p), result in zip(rows, results):
         assert result["choices"][0]["text"] == tokenizer.decode(expected[n, p], skip_special_tokens=True), (n, p)
         assert result["completion_tokens"] == len(expected[n, p])
+
+
+def test_single_adapter_generation_runs_merged_and_mixed_batches_unmerge_it(tiny_llama):
+    model, tokenizer, registry = tiny_llama
+    prompts = ["the cat", "stocks fell sharply on monday"]
+    expected = {(n, p): greedy(model, tokenizer(p)["input_ids"], n, 8, tokenizer.sep_token_id)
+                for n in (None, "a", "b") for p in prompts}
+    originals = {n: p.detach().clone() for n, p in bare(model).named_parameters()}
+    engine = Engine(model, tokenizer, AdapterRegistry(registry), model_name="tiny")
+    params = {p: GenerationParams([tokenizer(p)["input_ids"]], max_tokens=8, temperature=0) for p in prompts}
+    merged = []
+    prepare = engine.hot.prepare
+    engine.hot.prepare = lambda *a, **k: merged.append(prepare(*a, **k)) or merged[-1]
+    for rows in ([("a", p) for p in prompts], [(None, prompts[0]), ("b", prompts[1]), ("a", prompts[0])]):
+        results = asyncio.run(run_jobs(engine, [(n, params[p]) for n, p in rows]))
+        for (n, p), result in zip(rows, results):
+            assert result["choices"][0]["text"] == tokenizer.decode(expected[n, p], skip_special_tokens=True), (n, p)
+    assert merged == ["a", None]  # the one-adapter generation ran merged, the mixed one unmerged it
+    bare(model)
+    assert all(torch.equal(p, originals[n]) for n, p in model.named_parameters())
 
 
 def test_completions_over_http_stream_sample_and_stop(tiny_llama):

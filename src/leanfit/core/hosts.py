@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..methods.base import AdapterModule
-from .segments import HostRows
+from .segments import HostRows, LowRankBank
 
 
 class AdapterHost(nn.Module):
@@ -27,6 +27,7 @@ class AdapterHost(nn.Module):
         # built for it (once, reused by every forward under the plan, e.g. each generation step).
         self.row_plan = None
         self._rows: HostRows | None = None
+        self._bank: LowRankBank | None = None  # resident low-rank factors, stacked (core/segments.py)
         # Deltas added at merge time, kept so that unmerge subtracts exactly what merge added, or
         # the original tensors where the merge asked for a bit-exact restore (hot adapters).
         self._merged: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
@@ -44,12 +45,14 @@ class AdapterHost(nn.Module):
         if name in self.adapters:
             raise AdapterError(f"Adapter '{name}' already exists here; delete it first or pick another name.")
         self.adapters[name] = adapter
+        self._bank = None
 
     def remove(self, name: str) -> None:
         if name in self._merged:
             self.unmerge(name)
         del self.adapters[name]
         self.active = [a for a in self.active if a != name]
+        self._bank = None
 
     @property
     def merged(self) -> list[str]:
@@ -87,7 +90,8 @@ class AdapterHost(nn.Module):
         if torch.is_grad_enabled() or args or kwargs:
             return self._forward_segments(x, self.base_layer(x, *args, **kwargs), mine)
         if self._rows is None:
-            self._rows = HostRows(self.adapters, mine, plan.n_rows, self.base_layer)
+            self._rows = HostRows(self.adapters, mine, plan.n_rows, self.base_layer, self._bank)
+            self._bank = self._rows.bank
         return self._rows.forward(self.base_layer, x)
 
     def _forward_segments(self, x: torch.Tensor, out: torch.Tensor, segments) -> torch.Tensor:

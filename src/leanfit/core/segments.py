@@ -6,7 +6,9 @@ generation):
 
 - LowRank adapters (the LoRA family) are stacked per segment, ranks padded with zeros (exact), and
   applied with two `bmm` (S-LoRA / Punica's batched gather: one op per layer whatever the number of
-  adapters). A batch of one adapter uses plain 2-D matmuls.
+  adapters). The stack comes from the host's `LowRankBank` (every resident adapter stacked once,
+  rebuilt when adapters change) with one index_select per factor. A batch of one adapter uses plain
+  2-D matmuls on the adapter's own tensors.
 - ChannelAffine adapters (IA3, SSF, BitFit) become per-row scale and shift vectors.
 - Anything else (methods with no batched form, adapters in training mode) adds `delta` per segment.
 
@@ -39,6 +41,69 @@ def _pad(factor: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
     return F.pad(factor, (0, 0, 0, missing) if axis == 0 else (0, missing))
 
 
+def _fill(out: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Start rows without a low-rank delta from the bias (or zero), as F.linear's own GEMM does."""
+    if out.numel() == 0:
+        return
+    if bias is None:
+        out.zero_()
+    else:
+        out.copy_(bias.expand_as(out))
+
+
+def stack_factors(forms: list[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down (k, r, in), up_t (k, r, out) with the scale folded in); smaller ranks padded with zeros,
+    which add exact zeros. up_t is contiguous in that layout: bmm is several times faster on it."""
+    rank = max(f.down.shape[0] for f in forms)
+    like = {"device": forms[0].down.device, "dtype": forms[0].down.dtype}
+    down = torch.stack([_pad(f.down, rank, 0) for f in forms])
+    scales = torch.tensor([f.scale for f in forms], **like).view(-1, 1, 1)
+    up = torch.stack([_pad(f.up, rank, 1) for f in forms]).mul_(scales)  # (k, out, r)
+    return down, up.transpose(1, 2).contiguous()
+
+
+def _key(form: LowRank) -> tuple | None:
+    """Identifies a form's values while its tensors are views of the adapter's own parameters: where
+    they are, their shape, and their version counter (bumped by every in-place change). None for
+    tensors computed under inference mode, which have no version counter (and are never banked)."""
+    if form.down.is_inference() or form.up.is_inference():
+        return None
+    return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version) for t in (form.down, form.up)) + (form.scale,)
+
+
+def bankable(module: nn.Module, form: LowRank) -> bool:
+    """Whether the form's tensors are views of the module's parameters or buffers (not computed anew
+    on each call, like LoRA-SB's R A), so a stacked copy can be checked for staleness by _key."""
+    owned = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    return all(t.untyped_storage().data_ptr() in owned for t in (form.down, form.up))
+
+
+class LowRankBank:
+    """Every resident bankable LowRank adapter of one host, stacked once, in name order (a plan's
+    order), so that a plan gathers its adapters with one index_select per factor instead of stacking
+    them from scattered parameters; a plan that uses every banked adapter uses the bank as it is.
+    It holds a second copy of those factors. Hosts drop it when adapters are added or removed."""
+
+    def __init__(self, forms: dict[str, LowRank]):
+        names = sorted(forms)
+        self.index = {n: i for i, n in enumerate(names)}
+        self.keys = {n: _key(forms[n]) for n in names}
+        self.ranks = {n: forms[n].down.shape[0] for n in names}
+        self.down, self.up_t = stack_factors([forms[n] for n in names])
+
+    def fresh(self, forms: dict[str, LowRank]) -> bool:
+        return all(n in self.keys and self.keys[n] == _key(f) for n, f in forms.items())
+
+    def take(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked factors of `names`, cut to their largest rank (the padding is trailing zeros)."""
+        rank = max(self.ranks[n] for n in names)
+        idx = [self.index[n] for n in names]
+        if idx == list(range(len(self.index))) and rank == self.down.shape[1]:
+            return self.down, self.up_t
+        idx = torch.tensor(idx, device=self.down.device)
+        return self.down[:, :rank].index_select(0, idx), self.up_t[:, :rank].index_select(0, idx)
+
+
 class LowRankRows:
     """The LowRank adapters of one host for one plan: segments (form, start, end), sorted by start.
 
@@ -46,31 +111,30 @@ class LowRankRows:
     length: the batch is viewed as (segments, rows * tokens, in), no copy), "gather" (anything else:
     the segments' rows are gathered, padded to the longest, and the deltas scattered back)."""
 
-    def __init__(self, parts: list[tuple[LowRank, int, int]], n_rows: int):
+    def __init__(self, parts: list[tuple[str, LowRank, int, int]], n_rows: int, bank: "LowRankBank | None"):
         self.n_rows = n_rows
-        first = parts[0][0]
-        self.lo, self.hi = parts[0][1], parts[-1][2]
-        like = {"device": first.down.device, "dtype": first.down.dtype}
+        first = parts[0][1]
+        self.lo, self.hi = parts[0][2], parts[-1][3]
         if len(parts) == 1 and self.lo == 0 and self.hi == n_rows:
             self.mode = "single"
-            self.down, self.up, self.scale = first.down, first.up, first.scale
+            self.down, self.up = first.down, first.up * first.scale  # scale folded in once per plan
             return
-        lengths = [e - s for _, s, e in parts]
-        contiguous = all(parts[i][2] == parts[i + 1][1] for i in range(len(parts) - 1))
+        lengths = [e - s for _, _, s, e in parts]
+        contiguous = all(parts[i][3] == parts[i + 1][2] for i in range(len(parts) - 1))
         self.mode = "equal" if contiguous and len(set(lengths)) == 1 else "gather"
         self.k, self.width = len(parts), max(lengths)
-        rank = max(f.down.shape[0] for f, _, _ in parts)
-        # Zero rows of A and columns of B pad a smaller rank: they add exact zeros.
-        self.down = torch.stack([_pad(f.down, rank, 0) for f, _, _ in parts])  # (k, r, in)
-        self.up = torch.stack([_pad(f.up, rank, 1) for f, _, _ in parts])  # (k, out, r)
-        self.scale = torch.tensor([f.scale for f, _, _ in parts], **like).view(-1, 1, 1)
+        device = first.down.device
+        if bank is not None:
+            self.down, self.up_t = bank.take([name for name, _, _, _ in parts])
+        else:
+            self.down, self.up_t = stack_factors([f for _, f, _, _ in parts])
         if self.mode == "gather":
             # Segment j's rows, padded (with its first row, whose extra results are dropped) to `width`.
-            pad = [list(range(s, e)) + [s] * (self.width - (e - s)) for _, s, e in parts]
-            self.padded = torch.tensor(pad, device=like["device"]).view(-1)
-            self.valid = torch.tensor([j * self.width + i for j, (_, s, e) in enumerate(parts) for i in range(e - s)],
-                                      device=like["device"])
-            self.rows = torch.cat([torch.arange(s, e) for _, s, e in parts]).to(like["device"])
+            pad = [list(range(s, e)) + [s] * (self.width - (e - s)) for _, _, s, e in parts]
+            self.padded = torch.tensor(pad, device=device).view(-1)
+            self.valid = torch.tensor([j * self.width + i for j, (_, _, s, e) in enumerate(parts) for i in range(e - s)],
+                                      device=device)
+            self.rows = torch.cat([torch.arange(s, e) for _, _, s, e in parts]).to(device)
 
     def _segments(self, x3: torch.Tensor) -> torch.Tensor:
         """The rows of each segment as (k, width * tokens, in)."""
@@ -80,41 +144,41 @@ class LowRankRows:
         return x3[self.padded].view(self.k, self.width * tokens, n_in)
 
     def _hidden(self, xs: torch.Tensor) -> torch.Tensor:
-        """scale * A x per segment, (k, tokens, r); computed as A x^T, the faster layout for a small r."""
-        return torch.bmm(self.down, xs.transpose(1, 2)).mul_(self.scale).transpose(1, 2)
+        """A x per segment, (k, tokens, r); computed as A x^T, the faster layout for a small r."""
+        return torch.bmm(self.down, xs.transpose(1, 2)).transpose(1, 2)
 
     def prefill(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
         """bias + delta for every row, as the (rows * tokens, out) buffer the base GEMM adds onto."""
         n_out, bias = base.out_features, base.bias
         if self.mode == "single":
-            h = F.linear(x.reshape(-1, x.shape[-1]), self.down).mul_(self.scale)
+            h = F.linear(x.reshape(-1, x.shape[-1]), self.down)
             return torch.addmm(bias, h, self.up.T) if bias is not None else h @ self.up.T
         x3 = x.reshape(self.n_rows, -1, x.shape[-1])
         out = torch.empty(self.n_rows, x3.shape[1], n_out, device=x.device, dtype=x.dtype)
         if self.mode == "equal":
             for rest in (out[:self.lo], out[self.hi:]):
-                rest.copy_(bias.expand_as(rest)) if bias is not None else rest.zero_()
+                _fill(rest, bias)
             target = out[self.lo:self.hi].view(self.k, -1, n_out)
             h = self._hidden(self._segments(x3))
             if bias is None:
-                torch.bmm(h, self.up.transpose(1, 2), out=target)
+                torch.bmm(h, self.up_t, out=target)
             else:
-                torch.baddbmm(bias, h, self.up.transpose(1, 2), out=target)
+                torch.baddbmm(bias, h, self.up_t, out=target)
         else:
-            out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
-            self._scatter_add(out, torch.bmm(self._hidden(self._segments(x3)), self.up.transpose(1, 2)))
+            _fill(out, bias)
+            self._scatter_add(out, torch.bmm(self._hidden(self._segments(x3)), self.up_t))
         return out.view(-1, n_out)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> None:
         """out += delta, in place, for a base output computed by the base layer itself."""
         n_out = out.shape[-1]
         if self.mode == "single":
-            h = F.linear(x.reshape(-1, x.shape[-1]), self.down).mul_(self.scale)
+            h = F.linear(x.reshape(-1, x.shape[-1]), self.down)
             out.view(-1, n_out).addmm_(h, self.up.T)
             return
         x3 = x.reshape(self.n_rows, -1, x.shape[-1])
         out3 = out.view(self.n_rows, -1, n_out)
-        deltas = torch.bmm(self._hidden(self._segments(x3)), self.up.transpose(1, 2))
+        deltas = torch.bmm(self._hidden(self._segments(x3)), self.up_t)
         if self.mode == "equal":
             out3[self.lo:self.hi].view(self.k, -1, n_out).add_(deltas)
         else:
@@ -159,20 +223,26 @@ class AffineRows:
 class HostRows:
     """Everything one host adds to a mixed batch under one row plan."""
 
-    def __init__(self, adapters: nn.ModuleDict, segments, n_rows: int, base: nn.Module, skip=()):
+    def __init__(self, adapters: nn.ModuleDict, segments, n_rows: int, base: nn.Module,
+                 bank: LowRankBank | None = None):
         low, affine, self.other = [], [], []
         for name, s, e in segments:
-            if name is None or name not in adapters or name in skip:
-                continue
             module = adapters[name]
             form = None if module.training else module.batched_form(base)
             if isinstance(form, LowRank) and layer_kind(base) == LINEAR:
-                low.append((form, s, e))
+                low.append((name, form, s, e))
             elif isinstance(form, ChannelAffine):
                 affine.append((form, s, e))
             else:
                 self.other.append((module, s, e))
-        self.low = LowRankRows(low, n_rows) if low else None
+        self.bank, self.low = bank, None
+        if len(low) > 1:
+            needed = {n: f for n, f, _, _ in low}
+            self.bank = _refreshed(bank, adapters, base, needed)
+            usable = self.bank is not None and self.bank.fresh(needed)
+            self.low = LowRankRows(low, n_rows, self.bank if usable else None)
+        elif low:
+            self.low = LowRankRows(low, n_rows, None)
         self.affine = AffineRows(affine, base) if affine else None
 
     @property
@@ -193,3 +263,20 @@ class HostRows:
         for module, s, e in self.other:  # rows s:e still hold the base output here
             out[s:e] += module.delta(x[s:e], out[s:e], base)
         return out
+
+
+def _refreshed(bank: LowRankBank | None, adapters: nn.ModuleDict, base: nn.Module,
+               needed: dict[str, LowRank]) -> LowRankBank | None:
+    """`bank` if it holds `needed` as they are now, else a new bank of every bankable adapter of the
+    host (None when a needed adapter cannot be banked: the plan then stacks its own factors)."""
+    if bank is not None and bank.fresh(needed):
+        return bank
+    if not all(bankable(adapters[n], f) for n, f in needed.items()):
+        return bank
+    forms = {}
+    for name, module in adapters.items():
+        form = None if module.training else module.batched_form(base)
+        if isinstance(form, LowRank) and bankable(module, form):
+            forms[name] = form
+    return LowRankBank(forms)
+

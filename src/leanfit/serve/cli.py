@@ -20,7 +20,8 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2,
 
 def add_commands(subparsers) -> dict:
     s = subparsers.add_parser("serve", help="serve a base model with many adapters over an OpenAI-compatible API")
-    s.add_argument("--model", required=True, help="zoo name (minilm, smollm2-135m) or a local Hugging Face model folder")
+    s.add_argument("--model", required=True,
+                   help="zoo name (minilm, smollm2-135m) or a local Hugging Face model folder")
     s.add_argument("--adapters", required=True, metavar="DIR",
                    help="registry directory: one adapter per subdirectory, as written by `leanfit tune` / lf.save")
     s.add_argument("--task", choices=["embedding", "causal-lm"],

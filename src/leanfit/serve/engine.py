@@ -178,10 +178,10 @@ class Engine:
                 ready.append(job)
         if not ready:
             return
-        if self.hot is not None:
-            steps = max(j.payload.max_tokens for j in ready) if kind == "generate" else 1
-            self.hot.prepare([j.adapter for j in ready], forwards=steps)
         try:
+            if self.hot is not None:  # merge the adapter of a one-adapter batch, or unmerge for a mixed one
+                steps = max(j.payload.max_tokens for j in ready) if kind == "generate" else 1
+                self.hot.prepare([j.adapter for j in ready], forwards=steps)
             with torch.inference_mode():
                 if kind == "embed":
                     self._embed(ready)
