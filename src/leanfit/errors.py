@@ -12,6 +12,14 @@ class ConfigError(LeanfitError, ValueError):
     """A configuration value or argument is invalid."""
 
 
+def check_known(given, valid, what: str) -> None:
+    """Refuse keys outside `valid`, naming them and every valid one (config files, option dicts)."""
+    valid = set(valid)
+    unknown = sorted(set(given) - valid)
+    if unknown:
+        raise ConfigError(f"Unknown {what} {', '.join(unknown)}; valid options are {', '.join(sorted(valid))}.")
+
+
 class UnknownMethodError(ConfigError, KeyError):
     """A method name is not registered."""
 

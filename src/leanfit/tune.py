@@ -18,7 +18,7 @@ import torch
 
 from . import core
 from .data import CAUSAL_LM, CLASSIFICATION, IMAGE_CLASSIFICATION, TextDataset, encode, from_files
-from .errors import ConfigError
+from .errors import ConfigError, check_known
 from .io import atomic_write_bytes
 from .methods import config_from_dict, module_class
 from .core.quantize import quantize_base
@@ -69,10 +69,7 @@ class TuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneConfig":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ConfigError(f"Unknown tune option {', '.join(unknown)}; valid options are {', '.join(sorted(valid))}.")
+        check_known(data, (f.name for f in fields(cls)), "tune option")
         return cls(**data)
 
     def learning_rate(self) -> float:

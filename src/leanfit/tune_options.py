@@ -62,26 +62,37 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                       help="store the frozen base's linear weights in int8")
 
 
-def tune_config(args: argparse.Namespace):
-    """The TuneConfig the options ask for: the --config file's keys, overridden by the options given."""
-    from .tune import TuneConfig
-    base = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"Config file '{path}' does not exist; pass a JSON file of tune options.")
-        try:
-            base = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"Config file '{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from None
-    config = TuneConfig.from_dict(base)
-    for key in ("model", "data", "task", "text_column", "label_column", "method", "epochs", "lr", "batch_size",
-                "max_length", "max_train_rows", "max_eval_rows", "seed", "output", "checkpoint_every", "resume",
-                "early_stopping_patience", "progress", "train_layers", "prefix", "lisa_layers", "lisa_period",
-                "gradient_checkpointing", "int8_base"):
+def read_config_file(name: str | None) -> dict:
+    """The keys of a --config JSON file ({} without one)."""
+    if not name:
+        return {}
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist; pass a JSON file of tune options.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"Config file '{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from None
+
+
+def override(config, args: argparse.Namespace, keys):
+    """`config` with every option in `keys` that was given on the command line."""
+    for key in keys:
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
+    return config
+
+
+def tune_config(args: argparse.Namespace):
+    """The TuneConfig the options ask for: the --config file's keys, overridden by the options given."""
+    from .tune import TuneConfig
+    base = read_config_file(args.config)
+    config = override(TuneConfig.from_dict(base), args, (
+        "model", "data", "task", "text_column", "label_column", "method", "epochs", "lr", "batch_size",
+        "max_length", "max_train_rows", "max_eval_rows", "seed", "output", "checkpoint_every", "resume",
+        "early_stopping_patience", "progress", "train_layers", "prefix", "lisa_layers", "lisa_period",
+        "gradient_checkpointing", "int8_base"))
     if args.targets:
         config.targets = args.targets if args.targets == "all-linear" or not args.targets.replace(",", "").replace(
             "_", "").replace(".", "").isalnum() else args.targets.split(",")

@@ -8,7 +8,6 @@ Imports nothing heavy until the command runs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -92,21 +91,10 @@ def settings_from_args(args):
 
 def _base_config(args):
     from ..tune import TuneConfig
-    data = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"Config file '{path}' does not exist; pass a JSON file of tune options.")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"Config file '{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from None
-    config = TuneConfig.from_dict(data)
-    for key in ("model", "data", "task", "text_column", "label_column", "epochs", "batch_size", "max_length",
-                "max_eval_rows", "seed"):
-        if getattr(args, key) is not None:
-            setattr(config, key, getattr(args, key))
-    return config
+    from ..tune_options import override, read_config_file
+    return override(TuneConfig.from_dict(read_config_file(args.config)), args, (
+        "model", "data", "task", "text_column", "label_column", "epochs", "batch_size", "max_length",
+        "max_eval_rows", "seed"))
 
 
 def _items(text: str) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_known
 from ..methods import method_names, module_class
 
 # Named target sets. Regular expressions are matched against full layer names and cover BERT
@@ -113,10 +113,7 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SearchSpace":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ConfigError(f"Unknown search-space option {', '.join(unknown)}; valid ones are {', '.join(sorted(valid))}.")
+        check_known(data, (f.name for f in fields(cls)), "search-space option")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 

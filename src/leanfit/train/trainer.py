@@ -17,7 +17,7 @@ from typing import Callable, NoReturn
 import torch
 
 from leanfit.data.splits import CLASSIFICATION, TensorSplits
-from leanfit.errors import ConfigError, DataError, TrainingError
+from leanfit.errors import ConfigError, DataError, TrainingError, check_known
 from leanfit.train.checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_state,
                                       save_checkpoint)
 from leanfit.train.metrics import MetricsLog, batch_at, evaluate_split, split_size
@@ -106,10 +106,7 @@ class LoopState:
 
 def config_with(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     """`config` (or the defaults) with keyword overrides; unknown keys name the valid ones."""
-    valid = [f.name for f in fields(TrainConfig)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown training option {', '.join(unknown)}; valid options are {', '.join(valid)}.")
+    check_known(overrides, (f.name for f in fields(TrainConfig)), "training option")
     return replace(config or TrainConfig(), **overrides)
 
 

@@ -137,11 +137,7 @@ def _fashion_mnist_dir() -> Path:
         folder = root / "usr" / "share" / "datasets" / "fashion-mnist"
         if (folder / "train-images-idx3-ubyte.gz").exists() and (folder / "t10k-labels-idx1-ubyte.gz").exists():
             return folder
-    raise DataError(
-        "The fashion-mnist data set needs the Debian package dataset-fashion-mnist; run "
-        "`scripts/fetch_debian_data.sh .data` (or `apt-get install dataset-fashion-mnist`), or set "
-        "LEANFIT_DATA_DIR to the folder it was unpacked into."
-    )
+    raise _missing_debian_package("fashion-mnist", "dataset-fashion-mnist")
 
 
 @lru_cache(maxsize=8)
@@ -197,11 +193,7 @@ def _janeausten_dir() -> Path:
             data = root / lib / "janeaustenr" / "data"
             if (data / "Rdata.rdx").exists() and (data / "Rdata.rdb").exists():
                 return data
-    raise DataError(
-        "The austen data set needs the Debian package r-cran-janeaustenr; run "
-        "`scripts/fetch_debian_data.sh .data` (or `apt-get install r-cran-janeaustenr`), or set "
-        "LEANFIT_DATA_DIR to the folder it was unpacked into."
-    )
+    raise _missing_debian_package("austen", "r-cran-janeaustenr")
 
 
 @lru_cache(maxsize=4)
@@ -249,3 +241,10 @@ def dataset(name: str, seed: int = 0) -> TextDataset | ImageDataset:
             f"Unknown data set {name!r}; choose one of {', '.join(DATASETS)} or use leanfit.data.from_files."
         )
     return DATASETS[name].load(seed=seed)
+
+
+def _missing_debian_package(name: str, package: str) -> DataError:
+    return DataError(
+        f"The {name} data set needs the Debian package {package}; run `scripts/fetch_debian_data.sh .data` "
+        f"(or `apt-get install {package}`), or set LEANFIT_DATA_DIR to the folder it was unpacked into."
+    )
