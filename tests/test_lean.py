@@ -123,6 +123,16 @@ def test_lisa_trains_only_sampled_blocks_and_resamples_deterministically():
     assert len(set(draws)) > 1 and draws == [tuple(LISA(model, 1, 2, seed=0).sample(p)) for p in range(12)]
 
 
+def test_lisa_keeps_a_parameter_shared_across_blocks_trainable_when_any_sampled_block_uses_it():
+    model = adapted(tiny_bert, top_k=4, method=lf.Compacter(share=True))
+    lisa = LISA(model, layers=1, period=1, seed=0)
+    shared = [p for p in lisa.owned[0] if any(p is q for q in lisa.owned[3])]
+    assert shared  # the rule matrices sit in every block
+    for period in range(8):  # whichever single block is drawn, the shared rule matrices train
+        lisa.sample(period)
+        assert all(p.requires_grad for p in shared)
+
+
 def test_lisa_run_is_resumable_and_changes_only_sampled_layers(tmp_path):
     data = splits(CLASSIFICATION)
     base = adapted(tiny_bert, top_k=4)

@@ -77,9 +77,12 @@ class LISA:
     def sample(self, period_index: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + period_index)
         chosen = torch.randperm(len(self.blocks), generator=generator)[: self.layers].sort().values.tolist()
-        for i, params in enumerate(self.owned):
+        # A parameter shared across blocks (Compacter's rule matrices, MoS's pools) trains when any
+        # chosen block uses it, whatever order the blocks are visited in.
+        keep = {id(p) for i in chosen for p in self.owned[i]}
+        for params in self.owned:
             for p in params:
-                p.requires_grad_(i in chosen)
+                p.requires_grad_(id(p) in keep)
         self.active = chosen
         return chosen
 
