@@ -8,7 +8,7 @@ from torch import nn
 
 import leanfit as lf
 from leanfit.core.hosts import AdapterHost
-from leanfit.errors import AdapterError, ConfigError, TargetError, UnknownMethodError
+from leanfit.errors import AdapterError, ConfigError, TargetError, UnknownAdapterError, UnknownMethodError
 from _nets import perturb, tiny_net, tokens
 
 MERGEABLE = {
@@ -39,6 +39,15 @@ def test_fresh_adapter_leaves_model_unchanged(key):
     before = m(x)
     lf.adapt(m, MERGEABLE[key], targets=ALL_KINDS, exclude=["classifier"])
     assert torch.equal(m(x), before)
+
+
+def test_adapters_follow_the_model_mode():
+    m = tiny_net().eval()
+    lf.adapt(m, lf.LoRA(rank=2, dropout=0.5), targets="all-linear")
+    assert not any(module.training for module in m.modules())  # no dropout switched on behind the user's back
+    m.train()
+    lf.adapt(m, lf.LoRA(rank=2), targets=["value"], name="second")
+    assert all(module.training for module in m.modules())
 
 
 def test_pissa_init_leaves_model_unchanged_and_starts_on_principal_factors():
@@ -140,7 +149,7 @@ def test_several_adapters_activate_deactivate_delete():
     lf.delete(m, "a")
     assert torch.equal(m(x), out_b)
     assert not isinstance(m.block["query"], AdapterHost)  # host with no adapter left is removed
-    with pytest.raises(AdapterError, match="Unknown adapter 'a'"):
+    with pytest.raises(UnknownAdapterError, match="Unknown adapter 'a'"):
         lf.activate(m, "a")
     with pytest.raises(AdapterError, match="already exists"):
         lf.adapt(m, lf.LoRA(), targets=["value"], name="b")

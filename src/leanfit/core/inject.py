@@ -102,6 +102,7 @@ def host_at(model: nn.Module, name: str) -> AdapterHost:
     if isinstance(module, AdapterHost):
         return module
     host = AdapterHost(module)
+    host.train(module.training)  # a wrapper in eval mode must not switch dropout back on
     _set_submodule(model, name, host)
     return host
 

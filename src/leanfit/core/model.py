@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import AdapterError, ConfigError
+from ..errors import AdapterError, ConfigError, UnknownAdapterError
 from ..methods.base import SHARED, MethodConfig
 from ..methods.registry import module_class
 from .fingerprint import fingerprint
@@ -40,7 +40,7 @@ def spec(model: nn.Module, name: str) -> AdapterSpec:
         return adapters(model)[name]
     except KeyError:
         known = ", ".join(adapters(model)) or "none"
-        raise AdapterError(f"Unknown adapter '{name}'; this model has: {known}.") from None
+        raise UnknownAdapterError(f"Unknown adapter '{name}'; this model has: {known}.") from None
 
 
 def task_heads(model: nn.Module) -> list[str]:
@@ -83,7 +83,9 @@ def adapt(model: nn.Module, config: MethodConfig, targets: Targets = "all-linear
     names = [n for n in names if not any(n == h or n.startswith(h + ".") for h in heads)]
     built = _build_layers(model, config, names)  # every layer built before any is wrapped
     for target, module in built.items():
-        host_at(model, target).add(name, module)
+        host = host_at(model, target)
+        module.train(host.training)  # follow the model's mode, as PEFT does
+        host.add(name, module)
     new = AdapterSpec(name, config, names, heads, model.__dict__["leanfit_fingerprint"])
     adapters(model)[name] = new
     activate(model, name)  # like PEFT's set_adapter: the adapter being trained acts alone
