@@ -140,6 +140,21 @@ def test_conv_and_embedding_round_trip_through_peft_both_ways(tmp_path):
     assert_same(logits(fresh, x), logits(source.eval(), x), logits(tiny_net(), x))
 
 
+class SamePaddingConv(torch.nn.Conv2d):
+    """Like EfficientNet's Conv2dStaticSamePadding: a Conv2d whose forward pads first."""
+
+    def forward(self, x):
+        return super().forward(torch.nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def test_export_refuses_a_conv_subclass_with_its_own_forward(tmp_path):
+    model = torch.nn.Sequential(SamePaddingConv(3, 4, 3), torch.nn.Conv2d(4, 4, 1))
+    lf.adapt(model, lf.LoRA(rank=2), targets=torch.nn.Conv2d, train_modules=[])
+    with pytest.raises(lf.errors.ConfigError, match="SamePaddingConv, a Conv2d with its own forward"):
+        export_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
 # ---------------------------------------------------------------- PEFT -> leanfit
 
 @pytest.mark.integration

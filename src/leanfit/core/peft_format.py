@@ -136,6 +136,10 @@ def _peft_layer_tensors(host: str, base: nn.Module, a: torch.Tensor, b: torch.Te
         if tuple(base.dilation) != (1, 1):
             raise ConfigError(f"Layer '{host}' is a dilated Conv2d, whose LoRA PEFT computes without the "
                               "dilation; exclude it from the targets to export to PEFT.")
+        if type(base).forward is not nn.Conv2d.forward:  # e.g. EfficientNet's static "same" padding
+            raise ConfigError(f"Layer '{host}' is a {type(base).__name__}, a Conv2d with its own forward, and PEFT "
+                              "builds its LoRA factor as that class, which computes something else; exclude it "
+                              "from the targets to export to PEFT.")
         a = a.reshape(a.shape[0], *base.weight.shape[1:])
         b = b.reshape(*b.shape, 1, 1)
     return {f"{PREFIX}{host}.lora_A.weight": a, f"{PREFIX}{host}.lora_B.weight": b}
