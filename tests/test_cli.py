@@ -35,6 +35,7 @@ def test_bad_arguments_print_one_sentence_and_exit_2(capsys, tmp_path):
     one_sentence_error(capsys, ["tune", "--data", str(tmp_path / "none.csv")], "none.csv")
     one_sentence_error(capsys, ["tune", "--set", "rank"], "KEY=VALUE")
     one_sentence_error(capsys, ["eval", str(tmp_path)], "No leanfit adapter")
+    one_sentence_error(capsys, ["eval", str(tmp_path), "--max-rows", "0"], "--max-rows", "at least 1")
     one_sentence_error(capsys, ["info", str(tmp_path / "x")], "No leanfit adapter")
     one_sentence_error(capsys, ["frobnicate"], "invalid choice")
     (tmp_path / "c.json").write_text(json.dumps({"rnak": 3}))
@@ -72,6 +73,8 @@ def test_tune_eval_info_export_on_user_csv(tmp_path):
 
     evaluated = json.loads(leanfit("eval", out / "adapter", "--data", tmp_path / "mine.csv").stdout)
     assert evaluated["accuracy"] == pytest.approx(report["test"]["accuracy"])
+    assert evaluated["rows"] == report["split_sizes"]["test"]
+    assert json.loads(leanfit("eval", out / "adapter", "--data", tmp_path / "mine.csv", "--max-rows", 3).stdout)["rows"] == 3
 
     info = json.loads(leanfit("info", out / "adapter").stdout)
     assert info["method"]["rank"] == 4 and info["extra"]["labels"] == ["money", "sport"]

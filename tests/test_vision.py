@@ -252,6 +252,15 @@ def test_splits_are_stratified_disjoint_seeded_and_every_prefix_is_stratified():
     assert sorted(class_interleaved(labels, 0).tolist()) == list(range(len(labels)))
 
 
+def test_only_keeps_the_evaluated_rows_and_one_row_of_each_other_split():
+    def split(n):
+        return {"images": torch.zeros(n, 4, 4, dtype=torch.uint8), "labels": torch.arange(n) % 3}
+    data = ImageDataset("d", split(50), split(20), split(30), ["a", "b", "c"])
+    assert data.only("test", 7).sizes() == {"train": 1, "validation": 1, "test": 7}
+    assert data.only("validation").sizes() == {"train": 1, "validation": 20, "test": 1}
+    assert data.sizes() == {"train": 50, "validation": 20, "test": 30}  # the original is untouched
+
+
 def test_duplicate_images_and_test_images_seen_in_training_are_dropped():
     images = torch.randint(0, 255, (5, 4, 4), dtype=torch.uint8)
     images[3] = images[1]
