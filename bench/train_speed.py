@@ -86,9 +86,25 @@ def render(results: dict) -> str:
             if name != "peft":
                 lines.append(f"- {name} / peft: training time {lean['train_s']['median'] / peft['train_s']['median']:.2f}x, "
                              f"tokens/s {lean['tokens_per_s']['median'] / peft['tokens_per_s']['median']:.2f}x, "
-                             f"peak RSS {lean['peak_rss_mb']['median'] / peft['peak_rss_mb']['median']:.2f}x.")
+                             f"peak RSS {lean['peak_rss_mb']['median'] / peft['peak_rss_mb']['median']:.2f}x; "
+                             f"{_verdict(metric, lean, peft)}.")
         lines.append("")
+    if results.get("notes"):  # what happened during the run that a reader must know (added by hand)
+        lines += ["## Notes", "", *[f"- {n}" for n in results["notes"]], ""]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(metric: str, lean: dict, peft: dict) -> str:
+    """Issue 6's targets, on medians: bbc <= 0.25x time, <= 0.7x RSS, accuracy >= peft's; austen >= 2x
+    tokens/s at a test perplexity within 2% of peft's."""
+    if metric == "accuracy":
+        checks = {"time <= 0.25x": lean["train_s"]["median"] <= 0.25 * peft["train_s"]["median"],
+                  "RSS <= 0.7x": lean["peak_rss_mb"]["median"] <= 0.7 * peft["peak_rss_mb"]["median"],
+                  "accuracy >= peft's": lean["accuracy"]["median"] >= peft["accuracy"]["median"]}
+    else:
+        checks = {"tokens/s >= 2x": lean["tokens_per_s"]["median"] >= 2 * peft["tokens_per_s"]["median"],
+                  "perplexity within 2%": lean["perplexity"]["median"] <= 1.02 * peft["perplexity"]["median"]}
+    return "targets: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in checks.items())
 
 
 def _policy(p):
