@@ -222,7 +222,8 @@ def render(results: dict) -> str:
                              f"| {100 * ref['test_accuracy']:.2f}% |")
                 if best["test_accuracy"] is not None and not results["quick"]:
                     gap = 100 * (ref["test_accuracy"] - best["test_accuracy"])
-                    lines += ["", f"Target (within 0.5 point of LoRA r=8): {gap:+.2f} points behind -> "
+                    where = f"{gap:.2f} points behind" if gap > 0 else f"{-gap:.2f} points ahead"
+                    lines += ["", f"Target (within 0.5 point of LoRA r=8): {where} -> "
                               f"{'met' if gap <= 0.5 else 'not met'}."]
             lines.append("")
     return "\n".join(lines) + "\n"
