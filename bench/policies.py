@@ -9,12 +9,11 @@ LoRA r=8 alpha 16) and on Austen / SmolLM2-135M (train_speed.py's subset), run o
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import COMMON, OUT, environment, run_case  # noqa: E402
+from results import COMMON, run_case, run_selected  # noqa: E402
 
 LORA = ["--method", "lora", "--rank", "8", "--alpha", "16"]
 EVERY = ["--train-layers", "all", "--prefix", "off", "--lr", "5e-4"]
@@ -81,25 +80,18 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_policy(name: str, args: list[str]) -> dict:
+    try:
+        return run_case(f"policy-{name}", args)
+    except SystemExit as failed:  # one failing policy is a finding, not the end of the run
+        print(failed, flush=True)
+        return {"error": str(failed)[-2000:]}
+
+
 def main(selected: list[str]) -> None:
     cases = {**{k: COMMON + LORA + v[1] for k, v in CASES.items()},
              **{k: AUSTEN + LORA + v[1] for k, v in CAUSAL.items()}}
-    unknown = [s for s in selected if s not in cases]
-    if unknown:
-        raise SystemExit(f"unknown policy(ies) {unknown}; choose from {list(cases)}")
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "policies.json"
-    results = json.loads(path.read_text()) if path.exists() and selected else {"runs": {}}
-    results["environment"] = environment()
-    for name in selected or list(cases):
-        try:
-            results["runs"][name] = run_case(f"policy-{name}", cases[name])
-        except SystemExit as failed:  # one failing policy is a finding, not the end of the run
-            print(failed, flush=True)
-            results["runs"][name] = {"error": str(failed)[-2000:]}
-        results["runs"] = {k: results["runs"][k] for k in cases if k in results["runs"]}
-        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        (OUT / "policies.md").write_text(render(results))
+    run_selected(cases, selected, "policies", render, run=run_policy)
 
 
 if __name__ == "__main__":

@@ -123,22 +123,26 @@ def _options(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
 
 
-def main(selected: list[str]) -> None:
-    cases = {**{k: COMMON + (v if k == "lora-default" else PLAIN + v) for k, v in CASES.items()}, **CAUSAL}
+def run_selected(cases: dict, selected: list[str], stem: str, render, run=run_case) -> None:
+    """Run the `selected` cases (none: all), one after another, writing OUT/<stem>.json and .md after
+    each; a subset is merged into the existing JSON, kept in the order of `cases`."""
     unknown = [s for s in selected if s not in cases]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(cases)}")
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "results.json"
+    path = OUT / f"{stem}.json"
     results = json.loads(path.read_text()) if path.exists() and selected else {"runs": {}}
     results["environment"] = environment()
     for name in selected or list(cases):
-        results["runs"][name] = run_case(name, cases[name])
+        results["runs"][name] = run(name, cases[name])
+        results["runs"] = {k: results["runs"][k] for k in cases if k in results["runs"]}
         path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        (OUT / "results.md").write_text(render(results))
-    results["runs"] = {k: results["runs"][k] for k in cases if k in results["runs"]}
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (OUT / "results.md").write_text(render(results))
+        (OUT / f"{stem}.md").write_text(render(results))
+
+
+def main(selected: list[str]) -> None:
+    cases = {**{k: COMMON + (v if k == "lora-default" else PLAIN + v) for k, v in CASES.items()}, **CAUSAL}
+    run_selected(cases, selected, "results", render)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def _load_adapted(adapter_dir: str, seed: int = 0):
 
 def _eval(args) -> int:
     from .data import encode
-    from .data.splits import IMAGE_CLASSIFICATION
+    from .data.splits import IMAGE_CLASSIFICATION, rows
     from .train import Trainer
     from .tune import TuneConfig, load_data
     model, tokenizer, manifest = _load_adapted(args.adapter, args.seed)
@@ -103,11 +103,10 @@ def _eval(args) -> int:
     if dataset.task == IMAGE_CLASSIFICATION:  # resize only the rows evaluated (all 70k at 64 px: 3.4 GB)
         dataset = dataset.only(args.split, args.max_rows)
     tensors = encode(dataset, tokenizer, max_length=extra.get("max_length", 128))
-    if args.max_rows:
-        setattr(tensors, args.split, {k: v[: args.max_rows] for k, v in getattr(tensors, args.split).items()})
-    rows = len(getattr(tensors, args.split)["labels" if "labels" in getattr(tensors, args.split) else "input_ids"])
+    split = {k: v[: args.max_rows] for k, v in getattr(tensors, args.split).items()}  # max_rows None: all
+    setattr(tensors, args.split, split)
     metrics = Trainer(model, tensors, progress=False, epochs=1, lr=1e-3).evaluate(args.split)
-    print(json.dumps({"adapter": args.adapter, "data": config.data, "split": args.split, "rows": rows, **metrics}))
+    print(json.dumps({"adapter": args.adapter, "data": config.data, "split": args.split, "rows": rows(split), **metrics}))
     return 0
 
 

@@ -48,8 +48,7 @@ class ImageDataset:
         """The first `rows` rows of `split` (None: all), and one row of each other split: enough for a
         trainer that expects every split, without resizing tens of thousands of unused images."""
         sizes = {name: (rows if name == split else 1) for name in SPLITS}
-        subset = replace(self, **{name: {k: v[: sizes[name]] if sizes[name] else v
-                                         for k, v in getattr(self, name).items()} for name in SPLITS},
+        subset = replace(self, **{name: {k: v[: sizes[name]] for k, v in getattr(self, name).items()} for name in SPLITS},
                          info=dict(self.info))
         subset.info["sizes"] = subset.sizes()
         return subset
