@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError, UnknownAdapterError
 from ..methods.base import SHARED, MethodConfig
+from ..methods import pointwise
 from ..methods.registry import module_class
 from .fingerprint import fingerprint
 from .inject import Targets, candidate_layers, find_targets, host_at, hosts, remove_empty_hosts, unwrap_hosts
@@ -101,7 +102,7 @@ def _build_layers(model: nn.Module, config: MethodConfig, names: list[str]) -> d
     build = module_class(config.method)
     shared = build.shared_parameters(config, bases)
     extra = {} if shared is None else {SHARED: shared}
-    return {n: build(base, config, **extra) for n, base in bases.items()}
+    return {n: pointwise.build(build, base, config, **extra) for n, base in bases.items()}
 
 
 def shared_module(model: nn.Module, name: str) -> nn.Module | None:
@@ -215,7 +216,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 def calibrate(model: nn.Module, batch: dict, name: str) -> int:
     """Give adapters that learn their init from data (LoRA-SB) the full-weight gradient of one
     batch; returns how many layers were calibrated. The model's weights are left unchanged."""
-    targets = {h: m for h, m in adapter_modules(model, name).items() if hasattr(m, "calibrate")}
+    targets = {h: m.method_module for h, m in adapter_modules(model, name).items()
+               if hasattr(m.method_module, "calibrate")}
     if not targets:
         return 0
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -228,7 +230,7 @@ def calibrate(model: nn.Module, batch: dict, name: str) -> int:
     model(**batch).loss.backward()
     model.train(was_training)
     for h, adapter in targets.items():
-        adapter.calibrate(-layers[h].weight.grad)
+        adapter.calibrate(-layers[h].weight.grad.flatten(1))  # a pointwise conv's (out, in, 1, 1) as (out, in)
     for n, p in model.named_parameters():
         p.grad = None
         p.requires_grad_(flags[n])

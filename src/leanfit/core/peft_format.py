@@ -68,7 +68,7 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None,
     tensors, ranks, alphas, use_rslora = {}, set(), set(), False
     for host, module in adapter_modules(model, name).items():
         base = model.get_submodule(host).base_layer
-        a, b, alpha, use_rslora = _peft_factors(module)
+        a, b, alpha, use_rslora = _peft_factors(module.method_module)
         ranks.add(a.shape[0])
         alphas.add(alpha)
         tensors.update(_peft_layer_tensors(host, base, a, b))

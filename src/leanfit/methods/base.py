@@ -156,9 +156,12 @@ class AdapterModule(nn.Module):
         super().__init__()
         kind = layer_kind(base)
         if kind not in self.capabilities.layer_kinds:
+            kinds = ", ".join(self.capabilities.layer_kinds)
+            if LINEAR in self.capabilities.layer_kinds and CONV2D not in self.capabilities.layer_kinds:
+                kinds += " and pointwise (1x1, stride 1) conv2d"  # methods/pointwise.py
             raise ConfigError(
                 f"Method '{config.method}' cannot adapt a {type(base).__name__} layer; it accepts "
-                f"{', '.join(self.capabilities.layer_kinds)} layers: narrow the targets."
+                f"{kinds} layers: narrow the targets."
             )
         self.config = config
         self.kind = kind
@@ -166,6 +169,12 @@ class AdapterModule(nn.Module):
             # A submodule, so .to(), parameters() (which de-duplicates), set_trainable and the
             # trainer see it; the one object is registered in every layer of the adapter.
             setattr(self, SHARED, shared)
+
+    @property
+    def method_module(self) -> "AdapterModule":
+        """The module that owns the method's parameters and state: itself, or what a wrapper wraps
+        (methods/pointwise.py). Code that reads method-specific attributes goes through it."""
+        return self
 
     @classmethod
     def shared_parameters(cls, config: MethodConfig, bases: dict[str, nn.Module]) -> nn.Module | None:

@@ -272,6 +272,7 @@ def regrow_all(model: nn.Module, name: str, fraction: float = 0.1, generator: to
 
     changed = {}
     for host, module in adapter_modules(model, name).items():
-        if isinstance(module, SFTModule):
+        if isinstance(module.method_module, SFTModule):
+            module = module.method_module
             changed[host] = module.drop_and_regrow((grads or {}).get(host), fraction, generator)
     return changed

@@ -25,5 +25,5 @@ def build_controllers(model: nn.Module, total_steps: int) -> list:
             controller = getattr(adapter, "controller_class", None)
             trains = any(p.requires_grad for p in adapter.parameters())
             if controller is not None and trains:
-                groups.setdefault((controller, name), {})[host_name] = adapter
+                groups.setdefault((controller, name), {})[host_name] = adapter.method_module
     return [controller(modules, total_steps) for (controller, _), modules in groups.items()]
