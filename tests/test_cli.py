@@ -109,6 +109,20 @@ def test_tune_resumes_from_checkpoint(tmp_path):
 
 
 @pytest.mark.integration
+def test_tune_report_counts_what_trained_under_lisa_and_out_of_every_int8_value(tmp_path):
+    from leanfit.tune import TuneConfig, run
+    rows = [(f"alpha beta {i}", "a") for i in range(8)] + [(f"gamma delta {i}", "b") for i in range(8)]
+    _write_csv(tmp_path / "d.csv", rows)
+    report = run(TuneConfig(data=str(tmp_path / "d.csv"), text_column="body", label_column="topic", max_length=16,
+                            batch_size=4, epochs=1, options={"rank": 2}, train_layers="all", prefix="off",
+                            lisa_layers=1, lisa_period=1, int8_base=True, output=str(tmp_path / "o"), progress=False))
+    expected, _ = lf.zoo.model("minilm", num_labels=2)
+    lf.adapt(expected, lf.LoRA(rank=2), targets="all-linear")
+    trainable, total = lf.trainable_parameters(expected)  # float base: every value a parameter
+    assert (report["trainable_params"], report["total_params"]) == (trainable, total)
+
+
+@pytest.mark.integration
 def test_tune_causal_lm_on_user_text_with_smollm2(tmp_path):
     text = "\n\n".join(f"The cat number {i} sat on the mat and looked at the moon." for i in range(500))
     (tmp_path / "story.txt").write_text(text)

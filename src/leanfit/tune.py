@@ -21,7 +21,7 @@ from .data import CAUSAL_LM, CLASSIFICATION, IMAGE_CLASSIFICATION, TextDataset, 
 from .errors import ConfigError, check_known
 from .io import atomic_write_bytes
 from .methods import config_from_dict, module_class
-from .core.quantize import quantize_base
+from .core.quantize import quantize_base, quantized_params
 from .train import Trainer, distributed
 from .train.layers import below_top_k, transformer_blocks
 
@@ -180,6 +180,10 @@ def run(config: TuneConfig) -> dict:
     fit = trainer.fit()
     test = trainer.evaluate("test")
     trainable, total = core.trainable_parameters(model)
+    # What training optimised (LISA ends with only its last period's blocks trainable), out of every
+    # value of the model (an int8 base holds its weights as buffers, not parameters).
+    trainable = sum(p.numel() for _, p in trainer.trainable) or trainable
+    total += quantized_params(model)
     report = {
         "model": config.model, "data": config.data, "task": dataset.task, "method": config.method,
         "options": config.options, "targets": config.targets, "seed": config.seed, "epochs": config.epochs,

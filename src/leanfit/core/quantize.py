@@ -125,6 +125,12 @@ def _replaceable(model: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Linear]
     return found
 
 
+def quantized_params(model: nn.Module) -> int:
+    """How many base values the model holds in int8 layers (buffers, so parameter counts miss them)."""
+    return sum(m.qweight.numel() + (0 if m.bias is None else m.bias.numel())
+               for m in model.modules() if isinstance(m, Int8Linear))
+
+
 def quantize_base(model: nn.Module, targets=ALL_LINEAR_FROZEN) -> int:
     """Replace frozen float nn.Linear layers by Int8Linear in place; returns how many.
 
