@@ -141,6 +141,23 @@ def test_every_kernel_mode_equals_each_adapter_alone(bert, case, hooked):
     assert all(h.row_plan is None and h._rows is None for h in hosts(bert).values())
 
 
+@pytest.mark.parametrize("rows, tokens, merges", [(8, 16, True), (2, 1, False)], ids=["many-tokens", "decode-step"])
+def test_one_adapter_forms_its_weight_for_many_tokens_only_and_equals_it_alone(bert, monkeypatch, rows, tokens, merges):
+    from leanfit.core.segments import LowRankRows
+    formed = []
+    merged_weight = LowRankRows.merged_weight
+    monkeypatch.setattr(LowRankRows, "merged_weight", lambda self, base: formed.append(base) or merged_weight(self, base))
+    ids = torch.randint(1, 100, (rows, tokens), generator=torch.Generator().manual_seed(5))
+    weights = {n: p.detach().clone() for n, p in bert.named_parameters()}
+    with torch.inference_mode():
+        mixed = forward_mixed(bert, {"input_ids": ids}, ["b"] * rows).last_hidden_state
+        lf.activate(bert, "b")
+        own = bert(input_ids=ids).last_hidden_state
+    assert bool(formed) == merges
+    assert (mixed - own).abs().max() <= 1e-5
+    assert all(torch.equal(p, weights[n]) for n, p in bert.named_parameters())  # the shared base is never written
+
+
 def test_with_grad_enabled_the_per_segment_path_gives_the_same_rows_and_gradients(bert):
     names = ["a", "c", None, "i", "a"]
     ids = torch.randint(1, 100, (5, 6), generator=torch.Generator().manual_seed(3))

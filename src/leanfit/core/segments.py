@@ -8,7 +8,8 @@ generation):
   applied with two `bmm` (S-LoRA / Punica's batched gather: one op per layer whatever the number of
   adapters). The stack comes from the host's `LowRankBank` (every resident adapter stacked once,
   rebuilt when adapters change) with one index_select per factor. A batch of one adapter uses plain
-  2-D matmuls on the adapter's own tensors.
+  2-D matmuls on the adapter's own tensors or, when the batch has many tokens, one GEMM with
+  W + s B A formed for that forward in a scratch tensor (the shared base weight is never written).
 - ChannelAffine adapters (IA3, SSF, BitFit) become per-row scale and shift vectors.
 - Anything else (methods with no batched form, adapters in training mode) adds `delta` per segment.
 
@@ -136,6 +137,19 @@ class LowRankRows:
                                       device=device)
             self.rows = torch.cat([torch.arange(s, e) for _, _, s, e in parts]).to(device)
 
+    def merges_cheaper(self, x: torch.Tensor, base: nn.Linear) -> bool:
+        """One adapter on every row: whether forming W + s B A for this forward (one pass reading W,
+        one writing the scratch weight) moves less memory than the low-rank path (one more pass over
+        the input, one over the output). True for encoder batches and prompts, not for a few decode
+        tokens; the extra FLOPs (out x in x r) are small either way."""
+        tokens = x.numel() // x.shape[-1]
+        n_in, n_out = base.in_features, base.out_features
+        return self.mode == "single" and tokens * (n_in + n_out) >= 2 * n_in * n_out
+
+    def merged_weight(self, base: nn.Linear) -> torch.Tensor:
+        """W + s B A as a new tensor (the scale is folded into `up`)."""
+        return torch.addmm(base.weight, self.up, self.down)
+
     def _segments(self, x3: torch.Tensor) -> torch.Tensor:
         """The rows of each segment as (k, width * tokens, in)."""
         tokens, n_in = x3.shape[1], x3.shape[2]
@@ -250,7 +264,9 @@ class HostRows:
         return self.low is None and self.affine is None and not self.other
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.low is not None and fusable(base, x):
+        if self.low is not None and fusable(base, x) and self.low.merges_cheaper(x, base):
+            out = F.linear(x, self.low.merged_weight(base), base.bias)
+        elif self.low is not None and fusable(base, x):
             out = self.low.prefill(x, base)
             out.addmm_(x.reshape(-1, x.shape[-1]), base.weight.T)
             out = out.view(*x.shape[:-1], base.out_features)
