@@ -111,6 +111,13 @@ def test_top_k_selection_adapts_only_the_top_blocks():
         below_top_k(model, 5)
 
 
+def test_auto_adapts_the_top_third_of_an_encoder_and_every_block_of_a_causal_lm():
+    from leanfit.tune import top_layers
+    assert top_layers(tiny_bert(layers=6), "auto") == 2
+    assert top_layers(tiny_llama(), "auto") is None  # every block: the top third costs perplexity on LMs
+    assert top_layers(tiny_llama(), 3) == 3 and top_layers(tiny_bert(), "all") is None
+
+
 def test_lisa_trains_only_sampled_blocks_and_resamples_deterministically():
     model = adapted(tiny_bert, top_k=4)
     lisa = LISA(model, layers=1, period=2, seed=0)

@@ -52,7 +52,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     lean = parser.add_argument_group("lean training")
     lean.add_argument("--train-layers", dest="train_layers", metavar="K",
                       help="adapt only the top K blocks (the rest is a frozen prefix); 'auto' (default): the top "
-                           "third; 'all': every block")
+                           "third, every block for a causal LM; 'all': every block")
     lean.add_argument("--prefix", choices=["off", "eval", "cache"],
                       help="frozen prefix: off, eval (no dropout below the trained blocks), cache (computed once)")
     lean.add_argument("--lisa-layers", dest="lisa_layers", type=int, metavar="N", help="LISA: train N sampled blocks")
