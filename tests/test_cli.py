@@ -123,6 +123,20 @@ def test_tune_report_counts_what_trained_under_lisa_and_out_of_every_int8_value(
 
 
 @pytest.mark.integration
+def test_tune_reports_where_adalora_put_its_budget(tmp_path):
+    rows = [(f"alpha beta {i}", "a") for i in range(8)] + [(f"gamma delta {i}", "b") for i in range(8)]
+    _write_csv(tmp_path / "d.csv", rows)
+    main(["tune", "--data", str(tmp_path / "d.csv"), "--text-column", "body", "--label-column", "topic",
+          "--max-length", "16", "--batch-size", "4", "--epochs", "3", "--method", "adalora", "--set", "init_rank=4",
+          "--set", "target_rank=2", "--set", "delta_t=1", "--train-layers", "1", "--output", str(tmp_path / "o"),
+          "--no-progress"])
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    ranks = report["final_ranks"]
+    assert len(ranks) == 7 and sum(ranks.values()) == 2 * 7  # top layer's 6 linears and the pooler
+    assert "| layer | rank |" in (tmp_path / "o" / "report.md").read_text()
+
+
+@pytest.mark.integration
 def test_tune_causal_lm_on_user_text_with_smollm2(tmp_path):
     text = "\n\n".join(f"The cat number {i} sat on the mat and looked at the moon." for i in range(500))
     (tmp_path / "story.txt").write_text(text)

@@ -214,6 +214,9 @@ def run(config: TuneConfig) -> dict:
                    "gradient_checkpointing": config.gradient_checkpointing, "int8_base": config.int8_base,
                    **(trainer.policy.info if trainer.policy else {})},
     }
+    ranks = {h: r for c in trainer.controllers if hasattr(c, "final_ranks") for h, r in c.final_ranks().items()}
+    if ranks:  # AdaLoRA / IncreLoRA: where the budget went
+        report["final_ranks"] = ranks
     if not distributed.is_main():  # rank 0 writes the adapter and the report
         return report
     if config.method not in BASELINES:
@@ -275,6 +278,9 @@ def render_markdown(report: dict) -> str:
         if key in report:
             value = report[key]
             lines.append(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if report.get("final_ranks"):
+        lines += ["", "Final rank per layer (the budget schedule's allocation):", "", "| layer | rank |", "|---|---|"]
+        lines += [f"| {layer} | {rank} |" for layer, rank in report["final_ranks"].items()]
     if report.get("per_rank"):
         lines += ["", "| rank | test |", "|---|---|"]
         lines += [f"| {r} | {m} |" for r, m in report["per_rank"].items()]
