@@ -118,6 +118,16 @@ def test_auto_adapts_the_top_third_of_an_encoder_and_every_block_of_a_causal_lm(
     assert top_layers(tiny_llama(), 3) == 3 and top_layers(tiny_bert(), "all") is None
 
 
+def test_default_learning_rates_follow_the_method_the_policy_and_the_task():
+    from leanfit.data import IMAGE_CLASSIFICATION
+    from leanfit.tune import TuneConfig
+    assert TuneConfig(method="full").learning_rate(CLASSIFICATION) == 5e-5
+    assert TuneConfig(method="full").learning_rate(IMAGE_CLASSIFICATION) == 5e-4  # CNNs want a larger step
+    assert TuneConfig(method="full", lr=0.1).learning_rate(IMAGE_CLASSIFICATION) == 0.1
+    assert TuneConfig(method="lora").learning_rate() == 1e-3  # top blocks only
+    assert TuneConfig(method="lora", train_layers="all").learning_rate() == 5e-4
+
+
 def test_lisa_trains_only_sampled_blocks_and_resamples_deterministically():
     model = adapted(tiny_bert, top_k=4)
     lisa = LISA(model, layers=1, period=2, seed=0)
