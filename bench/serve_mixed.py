@@ -288,6 +288,9 @@ def render(r: dict) -> str:
               f"{(load['p50_s'] or 0) * 1e3:.0f} ms | {(load['p99_s'] or 0) * 1e3:.0f} ms |", "",
               "Each request embeds 1-4 texts of 4-24 words for one of the 8 adapters or the base model, chosen at "
               "random; client and server share the machine's cores.", ""]
+    if len(set(r.get("measured", {}).values())) > 1:  # parts re-measured on their own (--parts)
+        lines += ["## When each part was measured", "",
+                  *[f"- {part}: {when}" for part, when in sorted(r["measured"].items())], ""]
     return "\n".join(lines)
 
 
@@ -295,22 +298,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test); writes to a temp folder")
     parser.add_argument("--out", help="output folder (default docs/benchmarks; --quick: a temporary folder)")
+    parser.add_argument("--parts", default="forward,generation,load",
+                        help="comma-separated parts to measure; the others are kept from the existing JSON")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"forward", "generation", "load"} or not parts:
+        parser.error(f"--parts takes forward, generation and/or load, got {args.parts!r}")
     torch.set_num_threads(2)
     settings = QUICK if args.quick else FULL
     import peft
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else (Path(tmp) / "out" if args.quick else ROOT / "docs" / "benchmarks")
-        result = {"quick": args.quick, "settings": settings, "environment": environment(), "peft": peft.__version__}
-        print("forward ...", flush=True)
-        result["forward"] = forward_bench(settings)
-        print(json.dumps(result["forward"]["ratio_to_base"], indent=1), flush=True)
-        print("generation ...", flush=True)
-        result["generation"] = generation_bench(settings)
-        print(json.dumps(result["generation"]["tokens_per_s"], indent=1), flush=True)
-        print("load test ...", flush=True)
-        result["load"] = load_test(settings, Path(tmp))
+        kept = out / "serve_mixed.json"
+        result = json.loads(kept.read_text()) if parts != {"forward", "generation", "load"} and kept.exists() else {}
+        if parts != {"forward", "generation", "load"} and result.get("settings") != settings:
+            parser.error(f"--parts needs an existing {kept} measured with the same settings")
+        result.update({"quick": args.quick, "settings": settings, "environment": environment(), "peft": peft.__version__})
+        result.setdefault("measured", {part: "an earlier full run" for part in ("forward", "generation", "load")})
+        if "forward" in parts:
+            print("forward ...", flush=True)
+            result["forward"] = forward_bench(settings)
+            print(json.dumps(result["forward"]["ratio_to_base"], indent=1), flush=True)
+        if "generation" in parts:
+            print("generation ...", flush=True)
+            result["generation"] = generation_bench(settings)
+            print(json.dumps(result["generation"]["tokens_per_s"], indent=1), flush=True)
+        if "load" in parts:
+            print("load test ...", flush=True)
+            result["load"] = load_test(settings, Path(tmp))
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        for part in parts:  # when, and by which leanfit, each part was measured
+            result["measured"][part] = f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, leanfit {commit}"
         out.mkdir(parents=True, exist_ok=True)
         (out / "serve_mixed.json").write_text(json.dumps(result, indent=2, default=str))
         (out / "serve_mixed.md").write_text(render(result))
