@@ -61,12 +61,16 @@ def render(results: dict, tasks_config: dict) -> str:
         "# Method zoo: every method against full fine-tuning and a linear probe", "",
         "Produced by `bench/methods.py`: one `leanfit.tune.run` per row, each in its own process, run one",
         f"after another on {env['cpu']} ({env['threads']} torch threads, {env.get('cores')} cores, torch",
-        f"{env['torch']}, leanfit {env.get('leanfit_commit')}). Every method adapts every block (no",
-        "lean-training policy) with the options listed at the end (its paper's where they differ from",
-        "leanfit's defaults), at the learning rate `leanfit.tune` picks (DEFAULT_LR per method, else 5e-4",
-        "for adapters); AdamW, linear decay after warm-up. Targets are `all-linear`: every Linear layer and,",
-        "on the CNN, every pointwise (1x1) convolution, except the head, which every method trains in full",
-        "(a method that accepts neither kind is listed as not run). Accuracy is on the held-out test split; the",
+        f"{env['torch']}, leanfit {env.get('leanfit_commit')}). Every method runs as `leanfit tune --method",
+        "NAME` runs it by default: adapters in the top third of the blocks (MiniLM: 2 of 6 layers;",
+        "EfficientNet-Lite0: 6 of 16 blocks), the frozen prefix below them computed once and cached",
+        "(docs/lean-training.md), so all methods are compared under one policy; full fine-tuning, the",
+        "reference, trains every block, and the linear probe trains the head alone. Options are listed at",
+        "the end (the paper's where they differ from leanfit's defaults); the learning rate is the one",
+        "`leanfit.tune` picks (DEFAULT_LR per method, else 1e-3 for adapters on the top blocks); AdamW,",
+        "linear decay after warm-up. Targets are `all-linear`: every Linear layer and, on the CNN, every",
+        "pointwise (1x1) convolution (linear-only methods adapt those through methods/pointwise.py), except",
+        "the head, which every method trains in full. Accuracy is on the held-out test split; the",
         "subsets used are stated per task. Re-run with `.venv/bin/python bench/methods.py` (resumable,",
         "see its docstring; `--render` re-writes this page from methods.json).", "",
         "Columns: *step ms* is the median wall time of one optimizer step (forward, backward, clipping,",
@@ -97,11 +101,37 @@ def render(results: dict, tasks_config: dict) -> str:
         if ok:
             lines += ["", "Bold: on the accuracy / trainable-parameter Pareto front of this task.", ""]
         lines += _losses(ok, full, probe, [r for r in runs if r["status"] != "ok"])
+        lines += _final_ranks(ok)
     configs = {r["method"]: r["config"] for r in results["runs"].values() if r.get("config")}
     lines += ["## Method configurations", "", "| method | configuration |", "|---|---|"]
     lines += [f"| {m} | {', '.join(f'{k}={v}' for k, v in c.items() if k != 'method')} |"
               for m, c in sorted(configs.items())]
     return "\n".join(lines) + "\n"
+
+
+def _final_ranks(ok: list[dict]) -> list[str]:
+    """Where the adaptive-rank methods (AdaLoRA, IncreLoRA) put their budget, layer by layer."""
+    lines = []
+    for r in ok:
+        ranks = r.get("final_ranks")
+        if not ranks:
+            continue
+        prefix = _common_prefix(list(ranks))
+        shown = ", ".join(f"{name[len(prefix):]} {rank}" for name, rank in ranks.items())
+        lines.append(f"- {r['method']}: final rank per layer ({sum(ranks.values())} in all over {len(ranks)} layers; "
+                     f"names after `{prefix}`): {shown}")
+    return ["Final ranks of the adaptive-rank methods:", "", *lines, ""] if lines else []
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix every name shares (the block list they sit in)."""
+    parts = [n.split(".") for n in names]
+    common = []
+    for pieces in zip(*(p[:-1] for p in parts)):  # never a whole name
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common) + "." if common else ""
 
 
 def _losses(ok: list[dict], full: dict | None, probe: dict | None, missing: list[dict]) -> list[str]:
