@@ -102,6 +102,8 @@ def render(results: dict, tasks_config: dict) -> str:
             lines += ["", "Bold: on the accuracy / trainable-parameter Pareto front of this task.", ""]
         lines += _losses(ok, full, probe, [r for r in runs if r["status"] != "ok"])
         lines += _final_ranks(ok)
+    if results.get("notes"):  # what happened during the runs that a reader must know (added by hand)
+        lines += ["## Notes", "", *[f"- {n}" for n in results["notes"]], ""]
     configs = {r["method"]: r["config"] for r in results["runs"].values() if r.get("config")}
     lines += ["## Method configurations", "", "| method | configuration |", "|---|---|"]
     lines += [f"| {m} | {', '.join(f'{k}={v}' for k, v in c.items() if k != 'method')} |"

@@ -140,10 +140,13 @@ class TaskModel:
         import leanfit as lf
         if method in BASELINES:
             return self.settings["targets"], None, None
+        from leanfit.tune import TuneConfig, apply_method, method_options
         config = lf.config_from_dict({"method": method, **OPTIONS.get(method, {})})
         targets = self.settings["targets"]
-        try:
-            lf.adapt(copy.deepcopy(self.model), config, targets=targets)
+        run = TuneConfig(method=method, options=method_options(method, OPTIONS.get(method, {})), targets=targets,
+                         **policy(method, self.settings))
+        try:  # adapted as the run will adapt it: the same targets, below the same top blocks
+            apply_method(copy.deepcopy(self.model), run)
         except lf.errors.LeanfitError as err:  # the method refuses this model: a finding
             return targets, config.to_dict(), ("n/a", str(err))
         except Exception as err:  # noqa: BLE001  (a bug: recorded as a failure, retried next time)

@@ -312,7 +312,7 @@ def main() -> None:
         out = Path(args.out) if args.out else (Path(tmp) / "out" if args.quick else ROOT / "docs" / "benchmarks")
         kept = out / "serve_mixed.json"
         result = json.loads(kept.read_text()) if parts != {"forward", "generation", "load"} and kept.exists() else {}
-        if parts != {"forward", "generation", "load"} and result.get("settings") != settings:
+        if parts != {"forward", "generation", "load"} and result.get("settings") != json.loads(json.dumps(settings)):
             parser.error(f"--parts needs an existing {kept} measured with the same settings")
         result.update({"quick": args.quick, "settings": settings, "environment": environment(), "peft": peft.__version__})
         result.setdefault("measured", {part: "an earlier full run" for part in ("forward", "generation", "load")})
