@@ -194,7 +194,8 @@ def run(config: TuneConfig) -> dict:
         tensors.validation = {k: v[: config.max_eval_rows] for k, v in tensors.validation.items()}
         tensors.test = {k: v[: config.max_eval_rows] for k, v in tensors.test.items()}
     output = Path(config.output)
-    trainer = Trainer(model, tensors, epochs=config.epochs, lr=config.learning_rate(dataset.task),
+    lr = config.learning_rate(dataset.task)
+    trainer = Trainer(model, tensors, epochs=config.epochs, lr=lr,
                       batch_size=config.batch_size, seed=config.seed, progress=config.progress,
                       checkpoint_dir=_checkpoint_dir(config, output), checkpoint_every=config.checkpoint_every,
                       resume=config.resume, early_stopping_patience=config.early_stopping_patience,
@@ -207,15 +208,14 @@ def run(config: TuneConfig) -> dict:
         core.calibrate(model, first, config.name)  # LoRA-SB's gradient init; a no-op for others
     fit = trainer.fit()
     test = trainer.evaluate("test")
-    trainable, total = core.trainable_parameters(model)
     # What training optimised (LISA ends with only its last period's blocks trainable), out of every
     # value of the model (an int8 base holds its weights as buffers, not parameters).
-    trainable = sum(p.numel() for _, p in trainer.trainable) or trainable
-    total += quantized_params(model)
+    trainable = sum(p.numel() for _, p in trainer.trainable)
+    total = core.trainable_parameters(model)[1] + quantized_params(model)
     report = {
         "model": config.model, "data": config.data, "task": dataset.task, "method": config.method,
         "options": config.options, "targets": config.targets, "seed": config.seed, "epochs": config.epochs,
-        "lr": config.learning_rate(dataset.task), "batch_size": config.batch_size, "max_length": config.max_length,
+        "lr": lr, "batch_size": config.batch_size, "max_length": config.max_length,
         "split_sizes": {k: int(v["labels"].shape[0]) for k, v in
                         (("train", tensors.train), ("validation", tensors.validation), ("test", tensors.test))},
         "data_info": dataset.info,

@@ -264,12 +264,13 @@ class HostRows:
         return self.low is None and self.affine is None and not self.other
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.low is not None and fusable(base, x) and self.low.merges_cheaper(x, base):
-            out = F.linear(x, self.low.merged_weight(base), base.bias)
-        elif self.low is not None and fusable(base, x):
-            out = self.low.prefill(x, base)
-            out.addmm_(x.reshape(-1, x.shape[-1]), base.weight.T)
-            out = out.view(*x.shape[:-1], base.out_features)
+        if self.low is not None and fusable(base, x):
+            if self.low.merges_cheaper(x, base):
+                out = F.linear(x, self.low.merged_weight(base), base.bias)
+            else:
+                out = self.low.prefill(x, base)
+                out.addmm_(x.reshape(-1, x.shape[-1]), base.weight.T)
+                out = out.view(*x.shape[:-1], base.out_features)
         else:
             out = base(x)
             if self.low is not None:
