@@ -139,10 +139,11 @@ class LoRAModule(AdapterModule):
     def delta(self, x, base_out, base):
         a, b, scaling = self.factors()
         x = self.dropout(x) if self.kind != EMBEDDING else x
-        out = _low_rank_delta(x, a, b, base, self.kind)
+        # The scale goes on B (out x r): on the delta it would be one more pass over the whole output.
+        out = _low_rank_delta(x, a, b * scaling, base, self.kind)
         if hasattr(self, "lora_A0"):
-            out = out - _low_rank_delta(x, self.lora_A0, self.lora_B0, base, self.kind)
-        return out * scaling
+            out = out - _low_rank_delta(x, self.lora_A0, self.lora_B0 * scaling, base, self.kind)
+        return out
 
     def delta_weight(self, base):
         a, b, scaling = self.factors()

@@ -1,5 +1,5 @@
-"""Lean-training policies the trainer applies: frozen-prefix eval mode and cache, LISA layer
-sampling, gradient checkpointing. Partial back-propagation needs no code: autograd records nothing
+"""Lean-training policies the trainer applies: frozen-prefix eval mode and cache, the final block
+cut to the positions the head reads, LISA layer sampling, gradient checkpointing. Partial back-propagation needs no code: autograd records nothing
 below the lowest module with a trainable parameter, as long as nothing there asks for input
 gradients, which leanfit never does (HF's `enable_input_require_grads` would).
 """
@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.splits import INPUT_KEYS, rows
 from ..errors import ConfigError
+from .head_rows import HeadRows
 from .layers import LISA
 from .prefix_cache import PrefixCache
 
@@ -21,12 +22,14 @@ PREFIX_MODES = ("off", "eval", "cache")
 
 class LeanPolicy:
     def __init__(self, model: nn.Module, prefix: str = "off", lisa_layers: int | None = None,
-                 lisa_period: int = 20, gradient_checkpointing: bool = False, seed: int = 0):
+                 lisa_period: int = 20, gradient_checkpointing: bool = False, seed: int = 0,
+                 head_rows: bool = True):
         if prefix not in PREFIX_MODES:
             raise ConfigError(f"prefix must be one of {', '.join(PREFIX_MODES)}, got {prefix!r}.")
         self.model, self.prefix = model, prefix
         self.lisa = LISA(model, lisa_layers, lisa_period, seed) if lisa_layers else None
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.want_head_rows = gradient_checkpointing, head_rows
+        self.head_rows: HeadRows | None = None
         self.cache: PrefixCache | None = None
         self.plan = None
         self._depth = 0
@@ -39,10 +42,13 @@ class LeanPolicy:
             if enable is None:
                 raise ConfigError("gradient checkpointing needs a Hugging Face model; turn it off for this one.")
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if self.prefix == "off":
-            return
         device = next(self.model.parameters()).device
         sample = {k: v[:2].to(device) for k, v in data.train.items() if k in INPUT_KEYS}
+        if self.want_head_rows:
+            self.head_rows = HeadRows.plan(self.model, sample)
+            self.info["head_rows"] = self.head_rows.n if self.head_rows else None
+        if self.prefix == "off":
+            return
         self.plan = PrefixCache.plan(self.model, sample)
         self.info["boundary"] = self.plan.boundary if self.plan else None
         if self.plan is None or self.prefix != "cache":
@@ -66,21 +72,25 @@ class LeanPolicy:
 
     @contextmanager
     def active(self):
-        """Replay the cache inside the block only, so the model outside the trainer is untouched."""
-        if self.cache is None or self._depth:  # evaluation inside fit: already replaying
+        """Replay the cache and cut the final block inside the block only, so the model outside the
+        trainer is untouched."""
+        parts = [p for p in (self.cache, self.head_rows) if p is not None]
+        if self._depth:  # evaluation inside fit: already active
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
             return
-        self.cache.attach()
+        for part in parts:
+            part.attach()
         self._depth = 1
         try:
             yield
         finally:
             self._depth = 0
-            self.cache.detach()
+            for part in parts:
+                part.detach()
 
     def train_mode(self) -> None:
         """After `model.train()`: the frozen prefix stays in eval mode (no dropout below it)."""
@@ -98,4 +108,4 @@ class LeanPolicy:
 
     def close(self) -> None:
         """Free the cache."""
-        self.cache = None
+        self.cache = self.head_rows = None

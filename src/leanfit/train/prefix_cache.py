@@ -12,8 +12,8 @@ losses are the same (tested). Everything else the model computes from its inputs
 masks, position ids, rotary embeddings) still runs, so the replay needs no architecture code.
 
 Mechanics: the "entry" module whose output feeds block 0 (e.g. `bert.embeddings`,
-`model.embed_tokens`) gets a forward hook that returns the cached rows, and blocks 0..k-1 have their
-forward replaced by a pass-through. The trainer tells the cache which rows come next (`select`).
+`model.embed_tokens`) has its forward replaced by one that returns the cached rows, and blocks
+0..k-1 have theirs replaced by a pass-through. The trainer tells the cache which rows come next (`select`).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class PrefixCache:
         self.store: dict[str, torch.Tensor] = {}
         self.rows: torch.Tensor | None = None
         self.split = "train"
-        self._handles: list = []
+        self._attached = False
 
     @staticmethod
     def plan(model: nn.Module, sample: dict) -> CachePlan | None:
@@ -100,7 +100,7 @@ class PrefixCache:
 
     def build(self, splits: dict[str, dict], batch_size: int, spill_dir: str | None = None) -> None:
         """Run the prefix once over every row of `splits` and keep block k-1's output."""
-        if self._handles:  # the replay hooks would feed the cache to itself
+        if self._attached:  # the replay would feed the cache to itself
             raise RuntimeError("build the prefix cache while it is detached")
         model, plan = self.model, self.plan
         device = next(model.parameters()).device
@@ -151,7 +151,7 @@ class PrefixCache:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self._attached
 
     def has(self, split: str) -> bool:
         return split in self.store
@@ -165,19 +165,19 @@ class PrefixCache:
         plan = self.plan
         device = next(self.model.parameters()).device
 
-        def replay(module, args, output):
+        def replay(*args, **kwargs):
             return self.store[self.split][self.rows].to(device)
 
-        self._handles.append(plan.entry.register_forward_hook(replay))
+        # The entry's own work (embedding lookups, their dropout) is skipped, not just overwritten.
+        plan.entry.forward = replay
         for block in plan.blocks[: plan.boundary]:
             block.forward = _pass_through
+        self._attached = True
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        for block in self.plan.blocks[: self.plan.boundary]:
-            block.__dict__.pop("forward", None)
+        for module in [self.plan.entry, *self.plan.blocks[: self.plan.boundary]]:
+            module.__dict__.pop("forward", None)
+        self._attached = False
 
 
 def _pass_through(hidden_states, *args, **kwargs):
