@@ -27,7 +27,8 @@ OUT = ROOT / "docs" / "benchmarks"
 # leanfit's policy per task: what `leanfit tune` picks by default (see docs/lean-training.md).
 POLICIES = {
     "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3},
-            "leanfit-top1": {"train_layers": 1, "prefix": "cache", "lr": 2e-3}},
+            "leanfit-top1": {"train_layers": 1, "prefix": "cache", "lr": 2e-3},
+            "leanfit-no-dropout": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False}},
     # On a causal LM the default adapts every block (the top third cost perplexity: docs/lean-training.md);
     # top 15 at lr 2e-3 is the fastest policy measured near it.
     "austen": {"leanfit": {"train_layers": None, "prefix": "off", "lr": 5e-4},
@@ -115,7 +116,8 @@ def _policy(p):
     if not p:
         return "LoRA r=8 on every linear layer, lr 5e-4 constant"
     layers = f"top {p['train_layers']} blocks" if p.get("train_layers") else "every block"
-    return f"LoRA r=8, {layers}, prefix {p.get('prefix', 'off')}, lr {p['lr']:g} linear decay"
+    dropout = ", blocks' dropout off" if p.get("block_dropout") is False else ""
+    return f"LoRA r=8, {layers}, prefix {p.get('prefix', 'off')}{dropout}, lr {p['lr']:g} linear decay"
 
 
 TITLES = {

@@ -99,11 +99,13 @@ def test_tune_resumes_from_checkpoint(tmp_path):
     rows = [(f"alpha beta {i}", "a") for i in range(20)] + [(f"gamma delta {i}", "b") for i in range(20)]
     _write_csv(tmp_path / "d.csv", rows)
     common = ["tune", "--data", tmp_path / "d.csv", "--text-column", "body", "--label-column", "topic",
-              "--max-length", "16", "--batch-size", "4", "--epochs", "2", "--no-progress", "--rank", "2"]
+              "--max-length", "16", "--batch-size", "4", "--epochs", "2", "--no-progress", "--rank", "2",
+              "--no-block-dropout"]
     leanfit(*common, "--output", tmp_path / "a")
     leanfit(*common, "--output", tmp_path / "a", "--resume")  # resumes from the final checkpoint: no steps left
     first = json.loads((tmp_path / "a" / "report.json").read_text())
     assert first["steps"] > 0
+    assert first["policy"]["block_dropout"] is False and first["policy"]["head_rows"] == 1
     model, _ = lf.zoo.model("minilm", num_labels=2)
     lf.load(model, tmp_path / "a" / "adapter")
 

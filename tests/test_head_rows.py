@@ -98,3 +98,25 @@ def test_replaying_the_cache_skips_the_embeddings():
     built = len(calls)  # the cache build (train, validation) and the plan's sample passes
     trainer.evaluate("validation")
     assert trainer.policy.cache is not None and len(calls) == built
+
+
+def test_block_dropout_off_trains_as_a_model_without_block_dropout_and_restores_it():
+    data = splits(CLASSIFICATION)
+
+    def build(dropout):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config(dropout, classifier_dropout=0.1))
+        lf.adapt(model, lf.LoRA(rank=4, dropout=0.2), targets="all-linear", exclude=below_top_k(model, 2))
+        return model
+
+    model = build(0.1)
+    off, off_losses = run(model, data, prefix="eval", block_dropout=False)
+    _, none_losses = run(build(0.0), data, prefix="eval")
+    _, on_losses = run(build(0.1), data, prefix="eval")
+    assert off_losses == pytest.approx(none_losses, rel=1e-5) and off_losses != pytest.approx(on_losses, rel=1e-3)
+    # Only the base's dropout in the blocks: not LoRA's, not the head's; restored after training.
+    switched = {id(d) for d in off.policy.dropout_off.modules}
+    lora = [m for n, m in model.named_modules() if isinstance(m, nn.Dropout) and ".adapters." in n]
+    assert lora and not switched & {id(d) for d in lora} and id(model.dropout) not in switched
+    # 3 blocks x (attention probabilities, attention output, feed-forward output)
+    assert len(switched) == 3 * 3 and all(d.p == 0.1 for d in off.policy.dropout_off.modules)

@@ -76,6 +76,7 @@ class TuneConfig:
     lisa_period: int = 20
     gradient_checkpointing: bool = False
     int8_base: bool = False
+    block_dropout: bool = True  # False: the base's dropout off inside the blocks (faster on CPU)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneConfig":
@@ -201,7 +202,7 @@ def run(config: TuneConfig) -> dict:
                       resume=config.resume, early_stopping_patience=config.early_stopping_patience,
                       metrics_path=str(output / "metrics.jsonl"), prefix=config.prefix,
                       lisa_layers=config.lisa_layers, lisa_period=config.lisa_period,
-                      gradient_checkpointing=config.gradient_checkpointing)
+                      gradient_checkpointing=config.gradient_checkpointing, block_dropout=config.block_dropout)
     before = trainer.evaluate("test") if dataset.task == CAUSAL_LM else None
     if config.method not in BASELINES and not config.resume:
         first = {k: v[: config.batch_size] for k, v in tensors.train.items()}

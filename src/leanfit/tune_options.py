@@ -58,6 +58,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     lean.add_argument("--lisa-layers", dest="lisa_layers", type=int, metavar="N", help="LISA: train N sampled blocks")
     lean.add_argument("--lisa-period", dest="lisa_period", type=int, metavar="STEPS")
     lean.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
+    lean.add_argument("--no-block-dropout", dest="block_dropout", action="store_false", default=None,
+                      help="turn the base model's dropout off inside its blocks (faster on CPU; see docs/lean-training.md)")
     lean.add_argument("--int8-base", dest="int8_base", action="store_true", default=None,
                       help="store the frozen base's linear weights in int8")
 
@@ -92,7 +94,7 @@ def tune_config(args: argparse.Namespace):
         "model", "data", "task", "text_column", "label_column", "method", "epochs", "lr", "batch_size",
         "max_length", "max_train_rows", "max_eval_rows", "seed", "output", "checkpoint_every", "resume",
         "early_stopping_patience", "progress", "train_layers", "prefix", "lisa_layers", "lisa_period",
-        "gradient_checkpointing", "int8_base"))
+        "gradient_checkpointing", "int8_base", "block_dropout"))
     if args.targets:
         config.targets = args.targets if args.targets == "all-linear" or not args.targets.replace(",", "").replace(
             "_", "").replace(".", "").isalnum() else args.targets.split(",")

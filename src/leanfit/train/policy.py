@@ -1,5 +1,6 @@
 """Lean-training policies the trainer applies: frozen-prefix eval mode and cache, the final block
-cut to the positions the head reads, LISA layer sampling, gradient checkpointing. Partial back-propagation needs no code: autograd records nothing
+cut to the positions the head reads, the blocks' dropout off, LISA layer sampling, gradient
+checkpointing. Partial back-propagation needs no code: autograd records nothing
 below the lowest module with a trainable parameter, as long as nothing there asks for input
 gradients, which leanfit never does (HF's `enable_input_require_grads` would).
 """
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..data.splits import INPUT_KEYS, rows
 from ..errors import ConfigError
+from .block_dropout import BlockDropoutOff
 from .head_rows import HeadRows
 from .layers import LISA
 from .prefix_cache import PrefixCache
@@ -23,17 +25,18 @@ PREFIX_MODES = ("off", "eval", "cache")
 class LeanPolicy:
     def __init__(self, model: nn.Module, prefix: str = "off", lisa_layers: int | None = None,
                  lisa_period: int = 20, gradient_checkpointing: bool = False, seed: int = 0,
-                 head_rows: bool = True):
+                 head_rows: bool = True, block_dropout: bool = True):
         if prefix not in PREFIX_MODES:
             raise ConfigError(f"prefix must be one of {', '.join(PREFIX_MODES)}, got {prefix!r}.")
         self.model, self.prefix = model, prefix
         self.lisa = LISA(model, lisa_layers, lisa_period, seed) if lisa_layers else None
         self.gradient_checkpointing, self.want_head_rows = gradient_checkpointing, head_rows
         self.head_rows: HeadRows | None = None
+        self.dropout_off = None if block_dropout else BlockDropoutOff(model)
         self.cache: PrefixCache | None = None
         self.plan = None
         self._depth = 0
-        self.info: dict = {"prefix": prefix}
+        self.info: dict = {"prefix": prefix, "block_dropout": block_dropout}
 
     def start(self, data, eval_batch_size: int, spill_dir: str | None = None) -> None:
         """Decide the frozen prefix and, in cache mode, compute it for every split once."""
@@ -74,7 +77,7 @@ class LeanPolicy:
     def active(self):
         """Replay the cache and cut the final block inside the block only, so the model outside the
         trainer is untouched."""
-        parts = [p for p in (self.cache, self.head_rows) if p is not None]
+        parts = [p for p in (self.cache, self.head_rows, self.dropout_off) if p is not None]
         if self._depth:  # evaluation inside fit: already active
             self._depth += 1
             try:

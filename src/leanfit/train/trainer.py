@@ -59,6 +59,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Run the final block only at the positions the head reads, where that is exact (train/head_rows.py).
     head_rows: bool = True
+    # False: no dropout inside the base model's blocks while training (train/block_dropout.py).
+    block_dropout: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -209,7 +211,8 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
         self.controllers = build_controllers(self.model, self.total_steps)
         self.policy = LeanPolicy(self.model, cfg.prefix, cfg.lisa_layers, cfg.lisa_period,
-                                 cfg.gradient_checkpointing, cfg.seed, cfg.head_rows)
+                                 cfg.gradient_checkpointing, cfg.seed, cfg.head_rows,
+                                 cfg.block_dropout)
         self.policy.start(self.data, cfg.eval_batch_size, cfg.checkpoint_dir)
 
     def close(self) -> None:
