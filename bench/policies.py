@@ -30,12 +30,13 @@ CASES = {
                "--lisa-period", "10"]),
     "top2-checkpointing": ("default + gradient checkpointing", [*TOP2, "--gradient-checkpointing"]),
     "top2-int8": ("default + int8 frozen base", [*TOP2, "--int8-base"]),
+    "top2-no-dropout": ("default + the blocks' dropout off", [*TOP2, "--no-block-dropout"]),
 }
 # SmolLM2-135M on Austen, the causal-LM case of bench/train_speed.py (test perplexity, lower is better).
 AUSTEN = ["--data", "austen", "--model", "smollm2-135m", "--epochs", "2", "--batch-size", "8", "--max-length", "128",
           "--max-train-rows", "192", "--max-eval-rows", "96", "--seed", "0", "--no-progress"]
 CAUSAL = {
-    "austen-top10": ("SmolLM2: top 10 of 30 blocks, prefix cached (the default)",
+    "austen-top10": ("SmolLM2: top 10 of 30 blocks (the top third), prefix cached",
                      ["--train-layers", "10", "--prefix", "cache", "--lr", "1e-3"]),
     "austen-top10-lr3e-3": ("SmolLM2: top 10 blocks, prefix cached, lr 3e-3",
                             ["--train-layers", "10", "--prefix", "cache", "--lr", "3e-3"]),

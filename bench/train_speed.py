@@ -31,7 +31,7 @@ POLICIES = {
             "leanfit-no-dropout": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False}},
     # On a causal LM the default adapts every block (the top third cost perplexity: docs/lean-training.md);
     # top 15 at lr 2e-3 is the fastest policy measured near it.
-    "austen": {"leanfit": {"train_layers": None, "prefix": "off", "lr": 5e-4},
+    "austen": {"leanfit": {"train_layers": None, "prefix": "off", "lr": 2e-3},
                "leanfit-top15": {"train_layers": 15, "prefix": "cache", "lr": 2e-3}},
 }
 

@@ -125,6 +125,7 @@ def test_default_learning_rates_follow_the_method_the_policy_and_the_task():
     assert TuneConfig(method="full").learning_rate(IMAGE_CLASSIFICATION) == 5e-4  # CNNs want a larger step
     assert TuneConfig(method="full", lr=0.1).learning_rate(IMAGE_CLASSIFICATION) == 0.1
     assert TuneConfig(method="lora").learning_rate() == 1e-3  # top blocks only
+    assert TuneConfig(method="lora").learning_rate(CAUSAL_LM) == 2e-3  # a causal LM, every block
     assert TuneConfig(method="lora", train_layers="all").learning_rate() == 5e-4
     assert TuneConfig(method="adalora").learning_rate() == 2e-2  # slow-starting parametrisations: larger steps
 
