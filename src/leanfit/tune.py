@@ -41,7 +41,8 @@ ADAPTER_LR = 5e-4
 TOP_K_LR = 1e-3
 # A causal LM's adapters (every block by default): SmolLM2-135M on Austen, 2 epochs, linear decay,
 # validation perplexity 38.18 at 1e-3 and 37.30 at 2e-3; at 5e-4 the test perplexity was 39.90
-# against peft's 37.51 (docs/lean-training.md).
+# against peft's 37.51 (docs/lean-training.md). Measured with LoRA; adapters without a default of their
+# own take it too.
 CAUSAL_LM_LR = 2e-3
 
 

@@ -53,16 +53,18 @@ def _weight_matrix(base: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _low_rank_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: nn.Module, kind: str):
-    """B A x for one layer kind, with `a` (r x in[...]) and `b` (out x r)."""
+def _low_rank_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: nn.Module, kind: str,
+                    scale: float = 1.0):
+    """scale B A x for one layer kind, with `a` (r x in[...]) and `b` (out x r). The scale goes on
+    A x (r values a token): on the delta it would be one more pass over the whole output."""
     if kind == LINEAR:
-        return F.linear(F.linear(x, a), b)
+        return F.linear(F.linear(x, a) * scale, b)
     if kind == CONV2D:  # A: a conv with the base's kernel (and padding rule); B: a 1x1 conv
         h = conv_with(base, x, a.view(a.shape[0], *base.weight.shape[1:]))
-        return F.conv2d(h, b.view(*b.shape, 1, 1))
+        return F.conv2d(h * scale, b.view(*b.shape, 1, 1))
     h = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
                     base.scale_grad_by_freq, base.sparse)
-    return h @ b.T
+    return (h * scale) @ b.T
 
 
 def _as_base_layout(delta: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -139,10 +141,9 @@ class LoRAModule(AdapterModule):
     def delta(self, x, base_out, base):
         a, b, scaling = self.factors()
         x = self.dropout(x) if self.kind != EMBEDDING else x
-        # The scale goes on B (out x r): on the delta it would be one more pass over the whole output.
-        out = _low_rank_delta(x, a, b * scaling, base, self.kind)
+        out = _low_rank_delta(x, a, b, base, self.kind, scaling)
         if hasattr(self, "lora_A0"):
-            out = out - _low_rank_delta(x, self.lora_A0, self.lora_B0 * scaling, base, self.kind)
+            out = out - _low_rank_delta(x, self.lora_A0, self.lora_B0, base, self.kind, scaling)
         return out
 
     def delta_weight(self, base):

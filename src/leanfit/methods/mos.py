@@ -175,7 +175,7 @@ class MoSModule(AdapterModule):
 
     def delta(self, x, base_out, base):
         a, b = self.factors()
-        return _low_rank_delta(x, a, b, base, self.kind) * self.scaling
+        return _low_rank_delta(x, a, b, base, self.kind, self.scaling)
 
     def delta_weight(self, base):
         a, b = self.factors()

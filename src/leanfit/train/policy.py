@@ -75,8 +75,8 @@ class LeanPolicy:
 
     @contextmanager
     def active(self):
-        """Replay the cache and cut the final block inside the block only, so the model outside the
-        trainer is untouched."""
+        """Apply the cache replay, the final-block cut and the blocks' dropout switch inside the
+        `with` block only, so the model outside the trainer is untouched."""
         parts = [p for p in (self.cache, self.head_rows, self.dropout_off) if p is not None]
         if self._depth:  # evaluation inside fit: already active
             self._depth += 1
@@ -110,5 +110,5 @@ class LeanPolicy:
             self.lisa.before_step(step)
 
     def close(self) -> None:
-        """Free the cache."""
+        """Free the cache and drop the cut (evaluation then runs the whole model)."""
         self.cache = self.head_rows = None
