@@ -120,7 +120,9 @@ def run_study(data: str, task: dict, sampler: str, seed: int, memo: Memo, finali
         base=base, space=SPACE, budget=parse_budget(BUDGET), trials=task["trials"], sampler=sampler, seed=seed,
         search_rows=task["rows"], search_epochs=task["epochs"], search_max_length=task["length"],
         search_eval_rows=task["eval_rows"], eta=task["eta"],
-        finalists=finalists, output=str(RUNS / data / f"{sampler}-seed{seed}"), study_name=f"{sampler}-seed{seed}",
+        finalists=finalists, study_name=f"{sampler}-seed{seed}",
+        # The smoke run keeps its own studies: resuming a full run's study with other settings is refused.
+        output=str(RUNS / (f"{data}-quick" if task is QUICK else data) / f"{sampler}-seed{seed}"),
         progress=True)
     started = time.perf_counter()
     result = search(settings, evaluate=memo, prices=PRICES.setdefault(data, {}))
@@ -228,6 +230,8 @@ def render(results: dict) -> str:
                     lines += ["", f"Target (within 0.5 point of LoRA r=8): {where} -> "
                               f"{'met' if gap <= 0.5 else 'not met'}."]
             lines.append("")
+    if results.get("notes"):  # what a reader must know about the runs (added by hand)
+        lines += ["## Notes", "", *[f"- {n}" for n in results["notes"]], ""]
     return "\n".join(lines) + "\n"
 
 
@@ -283,8 +287,9 @@ def main() -> None:
                            measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     # A run of some data sets keeps the others' results from the last run.
     path = target / f"{name}.json"
-    previous = json.loads(path.read_text())["tasks"] if not args.quick and path.exists() else {}
-    results = {"quick": args.quick, "budget": BUDGET, "space": SPACE.as_dict(), "tasks": {**previous, **tasks},
+    previous = json.loads(path.read_text()) if not args.quick and path.exists() else {}
+    results = {"quick": args.quick, "budget": BUDGET, "space": SPACE.as_dict(),
+               "tasks": {**previous.get("tasks", {}), **tasks}, "notes": previous.get("notes", []),
                "reference": reference_lora(), "memo_hits": memo.hits, "elapsed_s": time.perf_counter() - started,
                "environment": environment()}
     target.mkdir(parents=True, exist_ok=True)
