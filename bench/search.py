@@ -275,7 +275,7 @@ def main() -> None:
         task.update({"trials": args.trials} if args.trials else {})
         task.update({"seeds": tuple(int(v) for v in args.seeds.split(","))} if args.seeds else {})
     torch.set_num_threads(2)
-    started, memo = time.perf_counter(), Memo()
+    memo = Memo()
     names = (args.data or ("bbc-news" if args.quick else "bbc-news,tweets-sentiment")).split(",")
     name = "search-quick" if args.quick else "search"
     target = (RUNS if args.quick else OUT)
@@ -290,7 +290,7 @@ def main() -> None:
     previous = json.loads(path.read_text()) if not args.quick and path.exists() else {}
     results = {"quick": args.quick, "budget": BUDGET, "space": SPACE.as_dict(),
                "tasks": {**previous.get("tasks", {}), **tasks}, "notes": previous.get("notes", []),
-               "reference": reference_lora(), "memo_hits": memo.hits, "elapsed_s": time.perf_counter() - started,
+               "reference": reference_lora(), "memo_hits": memo.hits,
                "environment": environment()}
     target.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(target / f"{name}.json", (json.dumps(results, indent=2, default=str) + "\n").encode())

@@ -24,7 +24,8 @@ from results import environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks"
-# leanfit's policy per task: what `leanfit tune` picks by default (see docs/lean-training.md).
+# leanfit's policies per task: "leanfit" is what `leanfit tune` picks by default, the others are options
+# measured beside it (see docs/lean-training.md).
 POLICIES = {
     "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3},
             "leanfit-top1": {"train_layers": 1, "prefix": "cache", "lr": 2e-3},

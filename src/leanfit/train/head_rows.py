@@ -20,11 +20,13 @@ copies. Other blocks run whole.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import transformer_blocks
+from .layers import replace_forward, restore_forward, transformer_blocks
 
 
 def _bert_layout(block: nn.Module) -> bool:
@@ -106,17 +108,22 @@ class HeadRows:
             cut = HeadRows(block, n)
             with torch.no_grad():
                 full = model(**sample).logits
-                cut.attach()
-                try:
+                with cut.applied():
                     kept = model(**sample).logits
-                finally:
-                    cut.detach()
         finally:
             model.train(was_training)
         return cut if kept.shape == full.shape and torch.allclose(kept, full, rtol=1e-4, atol=1e-5) else None
 
+    @contextmanager
+    def applied(self):
+        self.attach()
+        try:
+            yield
+        finally:
+            self.detach()
+
     def attach(self) -> None:
-        self.block.forward = _bert_rows(self.block, self.n)
+        replace_forward(self.block, _bert_rows(self.block, self.n))
 
     def detach(self) -> None:
-        self.block.__dict__.pop("forward", None)
+        restore_forward(self.block)

@@ -25,6 +25,19 @@ def transformer_blocks(model: nn.Module) -> tuple[str, list[nn.Module]] | None:
     return best
 
 
+def replace_forward(module: nn.Module, forward) -> None:
+    """Run `forward` in place of the module's own (hooks still fire) until `restore_forward`."""
+    module.forward = forward
+
+
+def restore_forward(module: nn.Module) -> None:
+    module.__dict__.pop("forward", None)
+
+
+def forward_replaced(module: nn.Module) -> bool:
+    return "forward" in module.__dict__
+
+
 def lowest_trainable_block(model: nn.Module) -> int | None:
     """Index of the lowest block holding a trainable parameter (None: no block trains)."""
     found = transformer_blocks(model)

@@ -77,7 +77,6 @@ class LeanPolicy:
     def active(self):
         """Apply the cache replay, the final-block cut and the blocks' dropout switch inside the
         `with` block only, so the model outside the trainer is untouched."""
-        parts = [p for p in (self.cache, self.head_rows, self.dropout_off) if p is not None]
         if self._depth:  # evaluation inside fit: already active
             self._depth += 1
             try:
@@ -85,6 +84,7 @@ class LeanPolicy:
             finally:
                 self._depth -= 1
             return
+        parts = [p for p in (self.cache, self.head_rows, self.dropout_off) if p is not None]
         for part in parts:
             part.attach()
         self._depth = 1

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..data.splits import INPUT_KEYS, rows
-from .layers import lowest_trainable_block, transformer_blocks
+from .layers import forward_replaced, lowest_trainable_block, replace_forward, restore_forward, transformer_blocks
 
 MEMORY_LIMIT_BYTES = 2 << 30  # above this a split's cache goes to a memory-mapped file
 
@@ -81,7 +81,6 @@ class PrefixCache:
         self.store: dict[str, torch.Tensor] = {}
         self.rows: torch.Tensor | None = None
         self.split = "train"
-        self._attached = False
 
     @staticmethod
     def plan(model: nn.Module, sample: dict) -> CachePlan | None:
@@ -100,7 +99,7 @@ class PrefixCache:
 
     def build(self, splits: dict[str, dict], batch_size: int, spill_dir: str | None = None) -> None:
         """Run the prefix once over every row of `splits` and keep block k-1's output."""
-        if self._attached:  # the replay would feed the cache to itself
+        if self.attached:  # the replay would feed the cache to itself
             raise RuntimeError("build the prefix cache while it is detached")
         model, plan = self.model, self.plan
         device = next(model.parameters()).device
@@ -151,7 +150,7 @@ class PrefixCache:
 
     @property
     def attached(self) -> bool:
-        return self._attached
+        return forward_replaced(self.plan.entry)
 
     def has(self, split: str) -> bool:
         return split in self.store
@@ -169,15 +168,13 @@ class PrefixCache:
             return self.store[self.split][self.rows].to(device)
 
         # The entry's own work (embedding lookups, their dropout) is skipped, not just overwritten.
-        plan.entry.forward = replay
+        replace_forward(plan.entry, replay)
         for block in plan.blocks[: plan.boundary]:
-            block.forward = _pass_through
-        self._attached = True
+            replace_forward(block, _pass_through)
 
     def detach(self) -> None:
         for module in [self.plan.entry, *self.plan.blocks[: self.plan.boundary]]:
-            module.__dict__.pop("forward", None)
-        self._attached = False
+            restore_forward(module)
 
 
 def _pass_through(hidden_states, *args, **kwargs):
