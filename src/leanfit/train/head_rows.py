@@ -20,13 +20,11 @@ copies. Other blocks run whole.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import replace_forward, restore_forward, transformer_blocks
+from .layers import ForwardRewrite, transformer_blocks
 
 
 def _bert_layout(block: nn.Module) -> bool:
@@ -87,11 +85,12 @@ def positions_read(model: nn.Module, block: nn.Module, sample: dict) -> int | No
     return n if 0 < n < grad.shape[1] and read == list(range(n)) else None
 
 
-class HeadRows:
+class HeadRows(ForwardRewrite):
     """The final block cut to the positions the head reads, attached while the trainer runs."""
 
     def __init__(self, block: nn.Module, n: int):
-        self.block, self.n = block, n
+        self.block = self.module = block
+        self.n = n
 
     @staticmethod
     def plan(model: nn.Module, sample: dict) -> "HeadRows | None":
@@ -114,16 +113,5 @@ class HeadRows:
             model.train(was_training)
         return cut if kept.shape == full.shape and torch.allclose(kept, full, rtol=1e-4, atol=1e-5) else None
 
-    @contextmanager
-    def applied(self):
-        self.attach()
-        try:
-            yield
-        finally:
-            self.detach()
-
-    def attach(self) -> None:
-        replace_forward(self.block, _bert_rows(self.block, self.n))
-
-    def detach(self) -> None:
-        restore_forward(self.block)
+    def forward(self):
+        return _bert_rows(self.block, self.n)

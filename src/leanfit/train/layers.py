@@ -8,6 +8,7 @@ residual blocks, e.g. EfficientNet's 16 MBConv blocks `efficientnet._blocks`).
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -36,6 +37,31 @@ def restore_forward(module: nn.Module) -> None:
 
 def forward_replaced(module: nn.Module) -> bool:
     return "forward" in module.__dict__
+
+
+class ForwardRewrite:
+    """An exact rewrite of one module's forward that the trainer attaches while it runs (the final
+    block cut, the fused LM loss): `attach`, `detach`, or `with rewrite.applied():`."""
+
+    module: nn.Module
+
+    def forward(self):
+        """The forward to run in place of the module's own."""
+        raise NotImplementedError
+
+    def attach(self) -> None:
+        replace_forward(self.module, self.forward())
+
+    def detach(self) -> None:
+        restore_forward(self.module)
+
+    @contextmanager
+    def applied(self):
+        self.attach()
+        try:
+            yield
+        finally:
+            self.detach()
 
 
 def lowest_trainable_block(model: nn.Module) -> int | None:

@@ -56,19 +56,24 @@ def evaluate_split(
                 batch = batch_at(split, index, device)
                 if on_batch is not None:
                     on_batch(index)
-                logits = model(**batch).logits.float()
+                out = model(**batch)
                 labels = batch["labels"]
                 if task == CLASSIFICATION:
+                    logits = out.logits.float()
                     nll_sum += F.cross_entropy(logits, labels, reduction="sum").item()
                     correct += (logits.argmax(-1) == labels).sum().item()
                     count += len(labels)
-                else:  # predict token t+1 from tokens <= t, as Hugging Face causal-LM heads do
-                    logits, labels = logits[:, :-1], labels[:, 1:]
-                    nll_sum += F.cross_entropy(
-                        logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                        ignore_index=IGNORE_INDEX, reduction="sum",
-                    ).item()
-                    count += (labels != IGNORE_INDEX).sum().item()
+                    continue
+                # predict token t+1 from tokens <= t, as Hugging Face causal-LM heads do
+                labels = labels[:, 1:]
+                labelled = (labels != IGNORE_INDEX).sum().item()
+                if out.logits is None:  # the loss fused with the output layer (lm_loss.py): its mean
+                    nll_sum += out.loss.item() * labelled
+                else:
+                    logits = out.logits[:, :-1].float()
+                    nll_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                               ignore_index=IGNORE_INDEX, reduction="sum").item()
+                count += labelled
     finally:
         model.train(was_training)
     if count == 0:

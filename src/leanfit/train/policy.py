@@ -1,5 +1,6 @@
 """Lean-training policies the trainer applies: frozen-prefix eval mode and cache, the final block
-cut to the positions the head reads, the blocks' dropout off, LISA layer sampling, gradient
+cut to the positions the head reads, a causal LM's loss fused with its output layer, the blocks'
+dropout off, LISA layer sampling, gradient
 checkpointing. Partial back-propagation needs no code: autograd records nothing
 below the lowest module with a trainable parameter, as long as nothing there asks for input
 gradients, which leanfit never does (HF's `enable_input_require_grads` would).
@@ -17,6 +18,7 @@ from ..errors import ConfigError
 from .block_dropout import BlockDropoutOff
 from .head_rows import HeadRows
 from .layers import LISA
+from .lm_loss import FusedLMLoss
 from .prefix_cache import PrefixCache
 
 PREFIX_MODES = ("off", "eval", "cache")
@@ -25,13 +27,14 @@ PREFIX_MODES = ("off", "eval", "cache")
 class LeanPolicy:
     def __init__(self, model: nn.Module, prefix: str = "off", lisa_layers: int | None = None,
                  lisa_period: int = 20, gradient_checkpointing: bool = False, seed: int = 0,
-                 head_rows: bool = True, block_dropout: bool = True):
+                 head_rows: bool = True, block_dropout: bool = True, fused_loss: bool = True):
         if prefix not in PREFIX_MODES:
             raise ConfigError(f"prefix must be one of {', '.join(PREFIX_MODES)}, got {prefix!r}.")
         self.model, self.prefix = model, prefix
         self.lisa = LISA(model, lisa_layers, lisa_period, seed) if lisa_layers else None
         self.gradient_checkpointing, self.want_head_rows = gradient_checkpointing, head_rows
         self.head_rows: HeadRows | None = None
+        self.want_fused_loss, self.fused_loss = fused_loss, None
         self.dropout_off = None if block_dropout else BlockDropoutOff(model)
         self.cache: PrefixCache | None = None
         self.plan = None
@@ -50,6 +53,9 @@ class LeanPolicy:
         if self.want_head_rows:
             self.head_rows = HeadRows.plan(self.model, sample)
             self.info["head_rows"] = self.head_rows.n if self.head_rows else None
+        if self.want_fused_loss:
+            self.fused_loss = FusedLMLoss.plan(self.model, sample)
+            self.info["fused_loss"] = self.fused_loss is not None
         if self.prefix == "off":
             return
         self.plan = PrefixCache.plan(self.model, sample)
@@ -75,8 +81,8 @@ class LeanPolicy:
 
     @contextmanager
     def active(self):
-        """Apply the cache replay, the final-block cut and the blocks' dropout switch inside the
-        `with` block only, so the model outside the trainer is untouched."""
+        """Apply the cache replay, the final-block cut, the fused loss and the blocks' dropout switch
+        inside the `with` block only, so the model outside the trainer is untouched."""
         if self._depth:  # evaluation inside fit: already active
             self._depth += 1
             try:
@@ -84,7 +90,7 @@ class LeanPolicy:
             finally:
                 self._depth -= 1
             return
-        parts = [p for p in (self.cache, self.head_rows, self.dropout_off) if p is not None]
+        parts = [p for p in (self.cache, self.head_rows, self.fused_loss, self.dropout_off) if p is not None]
         for part in parts:
             part.attach()
         self._depth = 1
@@ -110,5 +116,5 @@ class LeanPolicy:
             self.lisa.before_step(step)
 
     def close(self) -> None:
-        """Free the cache and drop the cut (evaluation then runs the whole model)."""
-        self.cache = self.head_rows = None
+        """Free the cache and drop the cut and the fused loss (evaluation then runs the whole model)."""
+        self.cache = self.head_rows = self.fused_loss = None

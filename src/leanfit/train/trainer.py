@@ -59,6 +59,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Run the final block only at the positions the head reads, where that is exact (train/head_rows.py).
     head_rows: bool = True
+    # A causal LM's output projection and loss fused, chunk by chunk, so no logits tensor is made (train/lm_loss.py).
+    fused_loss: bool = True
     # False: no dropout inside the base model's blocks while training (train/block_dropout.py).
     block_dropout: bool = True
 
@@ -212,7 +214,7 @@ class Trainer:
         self.controllers = build_controllers(self.model, self.total_steps)
         self.policy = LeanPolicy(self.model, cfg.prefix, cfg.lisa_layers, cfg.lisa_period,
                                  cfg.gradient_checkpointing, cfg.seed, cfg.head_rows,
-                                 cfg.block_dropout)
+                                 cfg.block_dropout, cfg.fused_loss)
         self.policy.start(self.data, cfg.eval_batch_size, cfg.checkpoint_dir)
 
     def close(self) -> None:
