@@ -61,7 +61,8 @@ def summary(runs: list[dict]) -> dict:
             "epoch_s": stat([statistics.median(r["epoch_s"]) for r in runs if r["epoch_s"]] or [0.0]),
             "tokens_per_s": stat([r["tokens"] / r["train_s"] for r in runs]),
             metric: stat([r["test"][metric] for r in runs]), "trainable": first["trainable"],
-            "policy": first.get("policy")}
+            "policy": first.get("policy"),
+            "train_peak_rss_mb": stat([r["train_peak_rss_mb"] for r in runs]) if "train_peak_rss_mb" in first else None}
 
 
 def render(results: dict) -> str:
@@ -70,8 +71,10 @@ def render(results: dict) -> str:
              f"Produced by `bench/train_speed.py` on {env['cpu']} ({env['threads']} threads, torch {env['torch']}, "
              f"peft {results.get('peft_version')}). Each contender runs in its own process, alternating, "
              "for the rounds stated per task; medians with min-max. Training time includes tokenising, adapter "
-             "set-up, the prefix cache and the loop (leanfit's includes its per-epoch validation); it "
-             "excludes model loading and test evaluation.", ""]
+             "set-up, the prefix cache and the loop (leanfit's includes its per-epoch validation where the task "
+             "validates); it excludes model loading and test evaluation. Peak RSS is the whole process's, test "
+             "evaluation included (both contenders evaluate with leanfit's evaluation code); where shown, the "
+             "peak at the end of training comes first.", ""]
     for task, block in results["tasks"].items():
         s = block["summary"]
         metric = "accuracy" if "accuracy" in s["peft"] else "perplexity"
@@ -85,19 +88,26 @@ def render(results: dict) -> str:
             lines.append(f"| {name} | {_policy(block['policies'].get(name))} | {r['trainable']:,} | "
                          f"{r['train_s']['median']:.0f} ({r['train_s']['min']:.0f}-{r['train_s']['max']:.0f}) | "
                          f"{r['epoch_s']['median']:.0f} | {r['tokens_per_s']['median']:.0f} | "
-                         f"{r['peak_rss_mb']['median']:.0f} | {shown} |")
+                         f"{_rss(r)} | {shown} |")
         peft = s["peft"]
         lines.append("")
         for name, lean in s.items():
             if name != "peft":
                 lines.append(f"- {name} / peft: training time {lean['train_s']['median'] / peft['train_s']['median']:.2f}x, "
                              f"tokens/s {lean['tokens_per_s']['median'] / peft['tokens_per_s']['median']:.2f}x, "
-                             f"peak RSS {lean['peak_rss_mb']['median'] / peft['peak_rss_mb']['median']:.2f}x; "
+                             f"peak RSS {lean['peak_rss_mb']['median'] / peft['peak_rss_mb']['median']:.2f}x"
+                             + (f" (at the end of training {lean['train_peak_rss_mb']['median'] / peft['train_peak_rss_mb']['median']:.2f}x)"
+                                if lean.get("train_peak_rss_mb") and peft.get("train_peak_rss_mb") else "") + "; "
                              f"{_verdict(metric, lean, peft)}.")
         lines.append("")
     if results.get("notes"):  # what happened during the run that a reader must know (added by hand)
         lines += ["## Notes", "", *[f"- {n}" for n in results["notes"]], ""]
     return "\n".join(lines) + "\n"
+
+
+def _rss(r: dict) -> str:
+    whole = f"{r['peak_rss_mb']['median']:.0f}"
+    return f"{r['train_peak_rss_mb']['median']:.0f} / {whole}" if r.get("train_peak_rss_mb") else whole
 
 
 def _verdict(metric: str, lean: dict, peft: dict) -> str:
@@ -125,7 +135,8 @@ TITLES = {
     "bbc": ("MiniLM-L6 on bbc-news", "Batch 32, 128 tokens, 3 epochs, LoRA r=8 alpha 16, seed 0; test accuracy on "
             "the held-out test split (425 rows)."),
     "austen": ("SmolLM2-135M on Austen", "Batch 8, 128 tokens, 2 epochs over the first 192 training blocks, LoRA r=8 "
-               "alpha 16, seed 0; perplexity on the first 96 test blocks. Weights ship as 4-bit Q4_1 GGUF, "
+               "alpha 16, seed 0; perplexity on the first 96 test blocks. Neither contender validates while it trains "
+               "(peft's loop has no validation), so the time is training alone. Weights ship as 4-bit Q4_1 GGUF, "
                "dequantised to fp32."),
 }
 
