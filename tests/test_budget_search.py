@@ -158,7 +158,11 @@ def test_search_writes_front_report_and_a_best_config_inside_the_budget(tiny, tm
     assert run_cli(search_args(tiny, out)) == 0
     assert "best inside the budget" in capsys.readouterr().out
     result = json.loads((out / "search.json").read_text())
-    assert result["counts"]["trials"] == 6 and result["counts"]["exact_params_matched"]
+    # --trials counts configurations trained: proposals over the budget or repeated come on top
+    counts = result["counts"]
+    assert counts["trained"] + counts["failed"] == 6
+    assert counts["trials"] == 6 + counts["over budget"] + counts["duplicate"] + counts["cannot build"]
+    assert counts["exact_params_matched"]
     rows = list(csv.DictReader(open(out / "front.csv")))
     assert rows and all(r["feasible"] == "True" and float(r["trainable_share_pct"]) <= 4.0 for r in rows)
     for row in csv.DictReader(open(out / "trials.csv")):
@@ -171,11 +175,12 @@ def test_search_writes_front_report_and_a_best_config_inside_the_budget(tiny, tm
     config = json.loads((out / "best.json").read_text())
     assert TuneConfig.from_dict(config).max_train_rows is None and config["epochs"] == 2  # the full run
 
-    # resume: the same study goes on to 8 trials; the first 6 are not run again
+    # resume: the same study goes on to 8 trained configurations; the first trials are not run again
     first = {t.number: t.datetime_start for t in trials_of(out)}
     assert run_cli(search_args(tiny, out, 8)) == 0
     again = trials_of(out)
-    assert len(again) == 8 and all(again[n].datetime_start == started for n, started in first.items())
+    assert sum(t.user_attrs.get("status") in ("trained", "failed") for t in again) == 8
+    assert all(again[n].datetime_start == started for n, started in first.items())
     one_sentence(capsys, search_args(tiny, out, 8, "params=3%"), "was started with another budget", "--study-name")
 
     # the saved best configuration retrains through `leanfit tune --config`
@@ -201,6 +206,19 @@ def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err
     trials = [t for t in trials_of(out) if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(trials) >= 6
+    assert sum(t.user_attrs.get("status") == "trained" for t in trials) >= 6
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials of the one study
     assert len({t.number for t in trials}) == len(trials)
+
+
+def test_a_space_smaller_than_the_trials_stops_after_a_bounded_number_of_proposals(tiny, tmp_path):
+    from leanfit.budget.study import PROPOSALS_PER_TRIAL
+    out = tmp_path / "small"
+    args = search_args(tiny, out, 3, "params=4%", "--finalists", "0")
+    args[args.index("--methods") + 1] = "bitfit"  # one point: bitfit, top 1, all-linear, one learning rate
+    args[args.index("--train-layers") + 1] = "1"
+    args[args.index("--lr-range") + 1] = "1e-2:1e-2"
+    assert run_cli([*args, "--targets", "all-linear"]) == 0
+    statuses = [t.user_attrs.get("status") for t in trials_of(out)]
+    assert statuses.count("trained") == 1  # the one point, trained once
+    assert len(statuses) == PROPOSALS_PER_TRIAL * 3 and set(statuses) == {"trained", "duplicate"}

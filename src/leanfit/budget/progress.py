@@ -1,4 +1,4 @@
-"""Live progress of a search: a rich bar per rung (trials finished in the study, by every worker, and
+"""Live progress of a search: a rich bar per rung (trials trained in the study, by every worker, and
 the best validation score so far) and one line per trial, on stderr."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .study import FINISHED, counts
+from .study import counts
 
 
 class SearchProgress:
@@ -53,7 +53,7 @@ class SearchProgress:
         for trial in study.get_trials(deepcopy=False, states=None):
             if trial.values and (self._best is None or _better(study, trial.values[0], self._best)):
                 self._best = trial.values[0]
-        self._progress.update(self._task, completed=sum(state.get(s, 0) for s in FINISHED),
+        self._progress.update(self._task, completed=state["trained"],
                               best="-" if self._best is None else f"{self._best:.4f}")
 
 

@@ -16,7 +16,9 @@ from ..errors import ConfigError
 def add_commands(subparsers) -> dict:
     p = subparsers.add_parser("search", help="search method x layers x rank x learning rate under a budget")
     p.add_argument("--budget", default="", help="limits, e.g. params=1%%,latency=+10%%,memory=2GB,bytes=5MB,time=10m")
-    p.add_argument("--trials", type=int, default=20, help="trials at the search fidelity, over all workers")
+    p.add_argument("--trials", type=int, default=20,
+                   help="configurations trained at the search fidelity, over all workers (proposals over the "
+                        "budget or repeating a trained point do not count)")
     p.add_argument("--objectives", default="accuracy,params",
                    help="accuracy, then any of params, bytes, memory, latency, time (default accuracy,params)")
     p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])

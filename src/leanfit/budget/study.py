@@ -20,6 +20,8 @@ GRACE_S = 60
 POLL_S = 1.0
 SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = ("COMPLETE", "PRUNED")
+TRAINED = ("trained", "failed")  # trial statuses that cost a training run; the others count for nothing
+PROPOSALS_PER_TRIAL = 5  # a space nearly exhausted or nearly all over budget stops after this many proposals each
 
 
 def storage_for(url: str):
@@ -92,15 +94,21 @@ def open_study(storage, name: str, directions: list[str], sampler_factory: Calla
 
 
 def counts(study) -> dict[str, int]:
-    found: dict[str, int] = {}
+    """Trials by state, and under "trained" the finished ones that trained (see TRAINED)."""
+    found: dict[str, int] = {"trained": 0}
     for trial in study.get_trials(deepcopy=False):
         found[trial.state.name] = found.get(trial.state.name, 0) + 1
+        if trial.state.name in FINISHED and trial.user_attrs.get("status") in TRAINED:
+            found["trained"] += 1
     return found
 
 
 def work(study, objective, *, target: int | None, on_trial: Callable | None = None) -> None:
-    """Run trials until `target` trials have finished (None: until the queue of waiting trials is
-    empty), then wait for other workers' running trials, so every worker sees the same results."""
+    """Run trials until `target` of them have trained (None: until the queue of waiting trials is
+    empty), then wait for other workers' running trials, so every worker sees the same results.
+
+    A proposal over the budget or equal to a point already trained costs no training and does not
+    count: `--trials 20` trains 20 configurations (or stops after PROPOSALS_PER_TRIAL x 20 proposals)."""
     import optuna
     from optuna.storages import fail_stale_trials
     callbacks = [on_trial] if on_trial else None
@@ -109,8 +117,10 @@ def work(study, objective, *, target: int | None, on_trial: Callable | None = No
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             fail_stale_trials(study)  # a dead worker's trial: failed, and queued again
         state = counts(study)
-        finished = sum(state.get(s, 0) for s in FINISHED)
-        if state.get("WAITING", 0) or (target is not None and finished + state.get("RUNNING", 0) < target):
+        proposed = sum(state.get(s, 0) for s in FINISHED) + state.get("RUNNING", 0)
+        wanted = (target is not None and state["trained"] + state.get("RUNNING", 0) < target
+                  and proposed < PROPOSALS_PER_TRIAL * target)
+        if state.get("WAITING", 0) or wanted:
             study.optimize(objective, n_trials=1, callbacks=callbacks, gc_after_trial=True)
         elif state.get("RUNNING", 0):
             time.sleep(POLL_S)
