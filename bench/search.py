@@ -17,8 +17,12 @@ times (as if it had run alone), besides the elapsed time of the whole benchmark.
     .venv/bin/python bench/search.py            # the full run (about 25 minutes on 2 quiet cores, estimated)
     .venv/bin/python bench/search.py --quick    # smoke run on tiny settings (about a minute)
 
+A study's trials are the configurations it trains: proposals over the budget or repeating a trained
+point do not count (study.work). bbc-news searches at 64 tokens: at 32 the fidelity's best configuration
+lost 1.18 points when trained in full (2026-11-24), too noisy a score to guide a sampler.
+
 The estimate: one search-fidelity trial on bbc-news (256 rows, 3 epochs, 32 tokens) took 19-22 s on a
-quiet 2-core machine, loading included; the first study of each data set also calibrates the cost model
+quiet 2-core machine, loading included (64 tokens: measured in search.json's per-trial times); the first study of each data set also calibrates the cost model
 and prices the space's 88 points (about 1.5 minutes); TPE's first random trials equal random search's at
 the same seed and are trained once; the full run of the best configuration takes 2-5 minutes.
 """
@@ -59,8 +63,8 @@ SPACE = SearchSpace(methods=("lora", "ia3", "bottleneck", "ssf", "bitfit"), trai
 # tweets-sentiment searches on a fixed subset of the zoo's seed-0 splits written to JSON Lines files once
 # (TWEETS_ROWS), so a trial does not load and tokenise 38k tweets; it has no full-run step.
 TASKS = {
-    "bbc-news": {"base": dict(epochs=3, batch_size=32, max_length=128), "rows": 256, "epochs": 3, "length": 32,
-                 "eval_rows": 212, "trials": 10, "seeds": (0, 1, 2), "finalists": 1, "eta": 6},
+    "bbc-news": {"base": dict(epochs=3, batch_size=32, max_length=128), "rows": 256, "epochs": 3, "length": 64,
+                 "eval_rows": 212, "trials": 20, "seeds": (0, 1, 2), "finalists": 1, "eta": 6},
     "tweets-sentiment": {"base": dict(epochs=1, batch_size=32, max_length=64), "rows": 256, "epochs": 3,
                          "length": None, "eval_rows": None, "trials": 10, "seeds": (0, 1), "finalists": 0, "eta": 3},
 }
@@ -268,7 +272,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny fidelity, 3 trials, one seed")
     parser.add_argument("--data", help="comma-separated (default bbc-news,tweets-sentiment; --quick: bbc-news)")
-    parser.add_argument("--trials", type=int, help="trials per study (default: 10)")
+    parser.add_argument("--trials", type=int, help="configurations trained per study (default: bbc-news 20, tweets 10)")
     parser.add_argument("--seeds", help="comma-separated sampler seeds (default: bbc-news 0,1,2; tweets 0,1)")
     args = parser.parse_args()
     for task in TASKS.values():
