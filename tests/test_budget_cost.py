@@ -21,7 +21,7 @@ from leanfit.budget import CostEstimate, estimate
 from leanfit.budget.calibrate import calibrate
 from leanfit.budget.exact import build
 from leanfit.cli import main
-from leanfit.data.splits import CLASSIFICATION, TensorSplits
+from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, TensorSplits
 from leanfit.methods import config_from_dict, method_names, module_class
 from leanfit.methods.base import SHARED
 
@@ -159,6 +159,38 @@ def test_lean_training_policies_move_the_estimates_the_right_way(calibrated):
     assert longer.steps == 2 * every.steps and longer.train_seconds > every.train_seconds
     full = cost(calibrated, method="full")
     assert full.trainable_params > every.trainable_params and full.inference_latency_ratio == 1.0
+
+
+def test_the_final_block_is_calibrated_as_the_trainer_runs_it_and_priced_apart(calibrated):
+    model, data, calibration, cache = calibrated
+    assert calibration.values["trainer_rewrites"] == ["HeadRows"]  # a [CLS] classifier: its final block cut
+    low = calibration.values["train_low"]  # the top-1 step trains the final block alone: no whole block
+    assert low["block_s"] == 0 < low["final_block_s"]
+    # Set figures: the profiled top-3 step is 10 s, a whole trained block 2 s, the cut final block 0.5 s.
+    values = copy.deepcopy(calibration.values)
+    high, blocks, rows = values["train_high"], values["blocks"], values["rows"]
+    high.update(step_s=10.0, entry_s=0.1, prefix_block_s=0.3, block_s=2.0, block_forward_s=0.8, final_block_s=0.5,
+                final_block_forward_s=0.2, head_s=0.2)
+    values["reference"]["plain_step_s"] = 10.0  # steady state equals the profiled step
+    values["inference"]["block_s"] = 0.25
+    fixed = type(calibration)(calibration.key, values)
+    scale = 8 / rows  # batch 8
+    top = {k: estimate(config(train_layers=k), model, fixed, data=data, cache_dir=cache).breakdown["step"]["passes_s"]
+           for k in (1, 2)}
+    # top 1 = the profiled step less two whole blocks (not two thirds of three blocks' mean), plus the
+    # frozen blocks below run without a graph
+    assert top[1] == pytest.approx(scale * (10.0 - 0.3 * (blocks - 3) - 2 * 2.0 + 0.25 * (blocks - 1)))
+    assert top[2] - top[1] == pytest.approx(scale * (2.0 - 0.25))  # one more whole block trains
+
+
+def test_a_causal_lm_is_calibrated_with_its_loss_fused_as_the_trainer_trains_it(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    calibration = calibrate(model, 4, 16, CAUSAL_LM, cache_dir=tmp_path)
+    assert calibration.values["trainer_rewrites"] == ["FusedLMLoss"]  # planned with the base frozen, as adapters leave it
+    assert all(p.requires_grad for p in model.parameters()) and "forward" not in model.__dict__  # model as it was
 
 
 def test_estimate_refuses_a_model_that_already_has_adapters(calibrated):

@@ -3,7 +3,10 @@
 What it measures (measure.py), at the run's sequence length and a calibration batch of `rows` rows
 (as many as a forward of about CALIBRATION_FLOPS allows, at most the batch size; times and
 activation memory scale linearly in rows):
-- an eval-mode forward: seconds of the entry (embeddings), one block, the head;
+- an eval-mode forward of the whole model: seconds of the entry (embeddings), one block, the head;
+- the rest as the trainer runs the model, with its exact rewrites applied where they plan (the final
+  block cut to the positions the head reads, a causal LM's loss fused with its output layer), the
+  final block timed apart from the others;
 - training steps with the top 1 and the top 3 blocks learning through frozen weights (as adapters
   make them): seconds per trained block and of the head with its loss, the bytes autograd keeps per
   block, and the rise of peak RSS (the two steps' difference is the peak per trained block);
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import weakref
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_bytes
 from . import machine, measure
 
-VERSION = 2  # bumped when what a calibration holds changes
+VERSION = 3  # bumped when what a calibration holds changes
 CALIBRATION_FLOPS = 8e10  # matmul FLOPs of one forward at the calibration batch (~1 s on 2 cores)
 TRAINED_BLOCKS = (1, 3)  # the two training steps whose difference gives the per-block peak
 REFERENCE_RANK = 8
@@ -151,22 +155,56 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     batch = measure.synthetic_batch(model, rows, seq_len, task)
     heads = task_heads(model)
     low_n, high_n = (min(n, len(blocks)) for n in TRAINED_BLOCKS)
-    return {
+    cut, fused = _trainer_rewrites(model, batch)
+    adapters_run = [part for part in (cut, fused) if part is not None]
+    values = {
         "rows": rows, "blocks": len(blocks), "trained_blocks": [low_n, high_n],
         "block_output_bytes_per_row": _block_output_bytes(model, blocks[-1], one), "layers": layers, "heads": heads,
-        "inference": measure.profile_inference(model, batch),
-        "train_low": measure.profile_train_step(model, batch, low_n, heads, weights=False),
-        "train_high": measure.profile_train_step(model, batch, high_n, heads, weights=False),
-        "reference": _reference(model, batch, high_n, heads, fingerprint, layers),
-        "full": measure.profile_train_step(model, batch, len(blocks), heads, weights=True),
-        "evaluation": measure.profile_evaluation(model, batch, task),
+        "inference": measure.profile_inference(model, batch),  # the whole model, as it serves
+        "trainer_rewrites": [type(part).__name__ for part in adapters_run],
+    }
+    with _applied(adapters_run):  # training with adapters and evaluation, as the trainer runs them
+        values.update({
+            "train_low": measure.profile_train_step(model, batch, low_n, heads, weights=False),
+            "train_high": measure.profile_train_step(model, batch, high_n, heads, weights=False),
+            "evaluation": measure.profile_evaluation(model, batch, task),
+        })
+    with _applied([cut] if cut is not None else []):  # full fine-tuning trains the output layer: no fused loss
+        values["full"] = measure.profile_train_step(model, batch, len(blocks), heads, weights=True)
+    values.update({
+        "reference": _reference(model, batch, high_n, heads, fingerprint, layers, adapters_run),
         "optimizer": machine.optimizer_rates(), "op_s": machine.op_seconds(),
         "model_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
-    }
+    })
+    return values
+
+
+def _trainer_rewrites(model: nn.Module, batch: dict) -> tuple:
+    """The exact rewrites the trainer plans for this model once adapters have frozen its base (None
+    where one does not apply): the final block cut to the positions the head reads
+    (train/head_rows.py), and a causal LM's loss fused with its output layer (train/lm_loss.py)."""
+    from ..train.head_rows import HeadRows
+    from ..train.lm_loss import FusedLMLoss
+    sample = {k: v[:2] for k, v in batch.items() if k != "labels"}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    try:
+        return HeadRows.plan(model, sample), FusedLMLoss.plan(model, sample)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+@contextmanager
+def _applied(parts: list):
+    with ExitStack() as stack:
+        for part in parts:
+            stack.enter_context(part.applied())
+        yield
 
 
 def _reference(model: nn.Module, batch: dict, trained: int, heads: list[str], fingerprint: str,
-               specs: dict) -> dict:
+               specs: dict, trainer_runs: list) -> dict:
     """A LoRA r=8 adapter on every linear layer: of the top `trained` blocks in training steps
     (profiled once, then timed against none, alternating), and of all blocks in eval forwards
     against none (alternating); the model is unwrapped after (bit-identical)."""
@@ -185,9 +223,10 @@ def _reference(model: nn.Module, batch: dict, trained: int, heads: list[str], fi
     try:
         core.adapt(model, LoRA(rank=REFERENCE_RANK), targets="all-linear", exclude=below_top_k(model, trained),
                    name="top")
-        step = measure.profile_train_step(model, batch, trained, heads, weights=None)
-        plain_step, adapted_step = measure.alternate_steps(model, batch, trained, lambda on: core.activate(
-            model, *(["top"] if on else [])))
+        with _applied(trainer_runs):
+            step = measure.profile_train_step(model, batch, trained, heads, weights=None)
+            plain_step, adapted_step = measure.alternate_steps(model, batch, trained, lambda on: core.activate(
+                model, *(["top"] if on else [])))
         cost_top = traced("top")
         core.delete(model, "top")
         core.adapt(model, LoRA(rank=REFERENCE_RANK), targets="all-linear", name="all")

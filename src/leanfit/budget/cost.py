@@ -6,7 +6,8 @@ Exact (exact.py): trainable parameters and adapter bytes, from the adapter built
 builds it, on a copy of the model without weights.
 
 Estimated: memory and time add up measured parts (calibrate.py) in the shape the run takes:
-- step time = entry + frozen prefix (skipped when cached) + trained blocks x (forward + backward)
+- step time = entry + frozen prefix (skipped when cached) + trained blocks x (forward + backward),
+  the final block at its own measured cost (the trainer may cut it to the positions the head reads),
   + head and loss, scaled from the calibration batch to the batch size; plus the adapters' traced
   work (`AdapterModule.cost`) at the machine's measured rates; plus AdamW over the trainable tensors;
 - run time = prefix cache build + steps + the first step's page faults + a validation pass per epoch;
@@ -201,10 +202,14 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
         # the profiled step's parts, rescaled to the median of several such steps (less noise)
         steady = v["reference"]["plain_step_s"] / high["step_s"]
         frozen = (0 if cached else blocks - in_blocks) + (in_blocks - depth)  # blocks run without a graph
-        recompute = depth * high["block_forward_s"] if config.gradient_checkpointing else 0.0
+        # the final block apart: the trainer may run it at the head's positions only (train/head_rows.py)
+        below_final = max(0.0, depth - 1)
+        trained_s = below_final * high["block_s"] + (high["final_block_s"] if depth else 0.0)
+        recompute = (below_final * high["block_forward_s"] + (high["final_block_forward_s"] if depth else 0.0)
+                     if config.gradient_checkpointing else 0.0)
         other = high["step_s"] - high["entry_s"] - high["prefix_block_s"] * (blocks - v["trained_blocks"][1]) \
-            - high["block_s"] * v["trained_blocks"][1] - high["head_s"]  # autograd's start-up, the loss
-        passes = scale * (steady * (high["entry_s"] + depth * high["block_s"] + recompute + high["head_s"]
+            - high["block_s"] * (v["trained_blocks"][1] - 1) - high["final_block_s"] - high["head_s"]  # autograd's start-up
+        passes = scale * (steady * (high["entry_s"] + trained_s + recompute + high["head_s"]
                                     + max(0.0, other)) + frozen * inference["block_s"])
     optimizer = v["optimizer"]["per_param_s"] * params + v["optimizer"]["per_tensor_s"] * len(trainable)
     step = passes + adapters_train + optimizer
@@ -214,7 +219,9 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
     prefix_row = (inference["entry_s"] + (lowest or 0) * inference["block_s"]) / v["rows"]
     build_s = prefix_row * (rows["train"] + rows["validation"]) if cached else 0.0
     run_blocks = blocks - (lowest if cached else 0)  # the evaluation replays the cached prefix too
-    eval_row = ((inference["entry_s"] + run_blocks * inference["block_s"] + v["evaluation"]["head_s"]) / v["rows"]
+    evaluation = v["evaluation"]  # measured as the trainer evaluates, the final block perhaps cut
+    eval_row = ((inference["entry_s"] + (run_blocks - 1) * inference["block_s"] + evaluation["final_block_s"]
+                 + evaluation["head_s"]) / v["rows"]
                 + adapters_infer / config.batch_size)
     validation_s = config.epochs * rows["validation"] * eval_row
     memory = _memory(config, shape, calibration, source, params, len(trainable) and trainable[0][1].element_size(),
