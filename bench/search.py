@@ -14,7 +14,7 @@ seed) was already trained by another study reuses that result (training is seede
 repeat it). The wall times in the table are therefore the sum of each study's own trial training
 times (as if it had run alone), besides the elapsed time of the whole benchmark.
 
-    .venv/bin/python bench/search.py            # the full run (about 25 minutes on 2 quiet cores, estimated)
+    .venv/bin/python bench/search.py            # the full run (bbc-news took 23 minutes on 2 quiet cores)
     .venv/bin/python bench/search.py --quick    # smoke run on tiny settings (about a minute)
 
 A study's trials are the configurations it trains: proposals over the budget or repeating a trained

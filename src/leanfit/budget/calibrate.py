@@ -204,7 +204,7 @@ def _applied(parts: list):
 
 
 def _reference(model: nn.Module, batch: dict, trained: int, heads: list[str], fingerprint: str,
-               specs: dict, trainer_runs: list) -> dict:
+               specs: dict, rewrites: list) -> dict:
     """A LoRA r=8 adapter on every linear layer: of the top `trained` blocks in training steps
     (profiled once, then timed against none, alternating), and of all blocks in eval forwards
     against none (alternating); the model is unwrapped after (bit-identical)."""
@@ -223,7 +223,7 @@ def _reference(model: nn.Module, batch: dict, trained: int, heads: list[str], fi
     try:
         core.adapt(model, LoRA(rank=REFERENCE_RANK), targets="all-linear", exclude=below_top_k(model, trained),
                    name="top")
-        with _applied(trainer_runs):
+        with _applied(rewrites):  # the trainer's, as for the plain steps
             step = measure.profile_train_step(model, batch, trained, heads, weights=None)
             plain_step, adapted_step = measure.alternate_steps(model, batch, trained, lambda on: core.activate(
                 model, *(["top"] if on else [])))

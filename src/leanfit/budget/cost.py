@@ -207,8 +207,9 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
         trained_s = below_final * high["block_s"] + (high["final_block_s"] if depth else 0.0)
         recompute = (below_final * high["block_forward_s"] + (high["final_block_forward_s"] if depth else 0.0)
                      if config.gradient_checkpointing else 0.0)
-        other = high["step_s"] - high["entry_s"] - high["prefix_block_s"] * (blocks - v["trained_blocks"][1]) \
-            - high["block_s"] * (v["trained_blocks"][1] - 1) - high["final_block_s"] - high["head_s"]  # autograd's start-up
+        profiled = v["trained_blocks"][1]  # autograd's start-up and the rest of the profiled step:
+        other = high["step_s"] - high["entry_s"] - high["prefix_block_s"] * (blocks - profiled) \
+            - high["block_s"] * (profiled - 1) - high["final_block_s"] - high["head_s"]
         passes = scale * (steady * (high["entry_s"] + trained_s + recompute + high["head_s"]
                                     + max(0.0, other)) + frozen * inference["block_s"])
     optimizer = v["optimizer"]["per_param_s"] * params + v["optimizer"]["per_tensor_s"] * len(trainable)

@@ -253,9 +253,10 @@ def _timed_step(model: nn.Module, batch: dict, stamps: "_Stamps", k: int) -> dic
     below_final = range(k, top - 1)
     block_forward = _mean([stamps.forward(i) for i in below_final])
     final_forward = stamps.forward(top - 1)
+    block_backward = _mean([backward[i] for i in below_final if i in backward])
     return {"step_s": end - start, "entry_s": stamps.entry(),
             "prefix_block_s": _mean([stamps.forward(i) for i in range(k)]),
-            "block_forward_s": block_forward, "block_s": block_forward + _mean([backward[i] for i in below_final if i in backward]),
+            "block_forward_s": block_forward, "block_s": block_forward + block_backward,
             "final_block_forward_s": final_forward, "final_block_s": final_forward + backward.get(top - 1, 0.0),
             "head_s": (forward_end - t[("fwd", top - 1, 1)]) + (t.get(("bwd", top), end) - forward_end),
             "grad_bytes": grads}
@@ -341,7 +342,8 @@ def profile_evaluation(model: nn.Module, batch: dict, task: str, reps: int = 2) 
     finally:
         stamps.remove()
     return {"total_s": min(r["total_s"] for r in runs), "head_s": min(r["head_s"] for r in runs),
-            "final_block_s": min(r["final_block_s"] for r in runs), "peak_bytes": peaks[0]}  # the first run's, on memory just handed back (as a run's first evaluation)
+            "final_block_s": min(r["final_block_s"] for r in runs),
+            "peak_bytes": peaks[0]}  # the first run's, on memory just handed back (as a run's first evaluation)
 
 
 def _mean(values: list[float]) -> float:

@@ -3,11 +3,13 @@ chunk by chunk over the tokens.
 
 SmolLM2's vocabulary has 49,152 tokens. A batch of 8 x 128 tokens makes a 200 MB logits tensor, and
 the usual path (`lm_head`, then `cross_entropy`) writes it, its log-softmax, a zero-filled gradient
-and the log-softmax gradient: four passes over 200 MB of freshly allocated memory, about a quarter of
-a LoRA step on a CPU. Here each chunk's logits are computed, turned into the loss and the gradient
-with respect to the hidden states at once (softmax minus one-hot, times the weight), and dropped; the
-backward pass only scales that stored gradient. The same matrix products run; the big tensors never
-exist. (The same idea as Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy.)
+and the log-softmax gradient, each freshly allocated; an evaluation batch of 64 rows makes 1.6 GB of
+logits. Here each chunk's logits are computed, turned into the loss and the gradient with respect to
+the hidden states at once (softmax minus one-hot, times the weight), and dropped; the backward pass
+only scales that stored gradient. The same matrix products run; the big tensors never exist, which
+saves memory (SmolLM2, LoRA on every block: 0.58 GB of a 4.06 GB training peak) and, on a 2-core CPU
+where the products dominate, no measurable time. (The idea of Liger-Kernel's fused linear
+cross-entropy and Apple's Cut Cross-Entropy.)
 
 `FusedLMLoss.plan` uses it for a Hugging Face causal LM whose output layer is a frozen `nn.Linear`,
 when on a sample batch its loss equals the model's own. While the trainer runs, a forward with labels
@@ -69,7 +71,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 
 def _fused_forward(decoder: nn.Module, head: nn.Linear, original):
-    """The model's forward computing the training loss from the decoder's hidden states directly."""
+    """The model's forward computing the loss from the decoder's hidden states directly."""
 
     def forward(input_ids=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:  # logits wanted

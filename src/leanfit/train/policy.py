@@ -1,9 +1,8 @@
 """Lean-training policies the trainer applies: frozen-prefix eval mode and cache, the final block
 cut to the positions the head reads, a causal LM's loss fused with its output layer, the blocks'
-dropout off, LISA layer sampling, gradient
-checkpointing. Partial back-propagation needs no code: autograd records nothing
-below the lowest module with a trainable parameter, as long as nothing there asks for input
-gradients, which leanfit never does (HF's `enable_input_require_grads` would).
+dropout off, LISA layer sampling, gradient checkpointing. Partial back-propagation needs no code:
+autograd records nothing below the lowest module with a trainable parameter, as long as nothing
+there asks for input gradients, which leanfit never does (HF's `enable_input_require_grads` would).
 """
 
 from __future__ import annotations
