@@ -21,9 +21,9 @@ A study's trials are the configurations it trains: proposals over the budget or 
 point do not count (study.work). bbc-news searches at 64 tokens: at 32 the fidelity's best configuration
 lost 1.18 points when trained in full (2026-11-24), too noisy a score to guide a sampler.
 
-The estimate: one search-fidelity trial on bbc-news (256 rows, 3 epochs, 32 tokens) took 19-22 s on a
-quiet 2-core machine, loading included (64 tokens: measured in search.json's per-trial times); the first study of each data set also calibrates the cost model
-and prices the space's 88 points (about 1.5 minutes); TPE's first random trials equal random search's at
+Where the time goes: each trial's training time is in search.json (about 13 s a trial on bbc-news at
+64 tokens, loading included); the first study of each data set also calibrates the cost model and
+prices the space's 88 points (about 1.5 minutes); TPE's first random trials equal random search's at
 the same seed and are trained once; the full run of the best configuration takes 2-5 minutes.
 """
 

@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import leanfit as lf
 from leanfit.data.splits import CAUSAL_LM
 from leanfit.train import Trainer, lm_loss
-from leanfit.train.metrics import evaluate_split
+from leanfit.train.metrics import IGNORE_INDEX, evaluate_split
 from leanfit.train.lm_loss import FusedLMLoss, linear_cross_entropy
 
 from _tiny import causal_lm_data, trainable_state
@@ -17,12 +17,13 @@ def test_the_fused_loss_and_gradient_equal_cross_entropy_on_the_logits(monkeypat
     monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 4 * 50 * 7)  # 7 tokens per chunk: several chunks, a ragged last
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(30, 16, generator=g, dtype=torch.float64)
-    weight, bias = torch.randn(50, 16, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    bias = torch.randn(50, generator=g, dtype=torch.float64)
     targets = torch.randint(0, 50, (30,), generator=g)
-    targets[[3, 11, 29]] = lm_loss.IGNORE
+    targets[[3, 11, 29]] = IGNORE_INDEX
     for b in (None, bias):
         h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
-        expected = F.cross_entropy(F.linear(h1, weight, b), targets, ignore_index=lm_loss.IGNORE)
+        expected = F.cross_entropy(F.linear(h1, weight, b), targets, ignore_index=IGNORE_INDEX)
         got = linear_cross_entropy(h2, weight, b, targets)
         (expected * 3).backward()
         (got * 3).backward()

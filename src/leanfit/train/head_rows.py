@@ -89,8 +89,11 @@ class HeadRows(ForwardRewrite):
     """The final block cut to the positions the head reads, attached while the trainer runs."""
 
     def __init__(self, block: nn.Module, n: int):
-        self.block = self.module = block
-        self.n = n
+        self.block, self.n = block, n
+
+    @property
+    def module(self) -> nn.Module:
+        return self.block
 
     @staticmethod
     def plan(model: nn.Module, sample: dict) -> "HeadRows | None":

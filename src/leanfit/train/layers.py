@@ -43,7 +43,10 @@ class ForwardRewrite:
     """An exact rewrite of one module's forward that the trainer attaches while it runs (the final
     block cut, the fused LM loss): `attach`, `detach`, or `with rewrite.applied():`."""
 
-    module: nn.Module
+    @property
+    def module(self) -> nn.Module:
+        """The module whose forward is rewritten."""
+        raise NotImplementedError
 
     def forward(self):
         """The forward to run in place of the module's own."""

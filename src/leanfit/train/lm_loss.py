@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from .layers import ForwardRewrite
-
-IGNORE = -100  # Hugging Face's ignore_index for labels
+from .metrics import IGNORE_INDEX
 CHUNK_BYTES = 8 << 20  # logits per chunk: large enough for efficient matrix products, small enough to stay cached
 
 
@@ -34,7 +33,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
-        labelled = targets != IGNORE
+        labelled = targets != IGNORE_INDEX
         count = labelled.sum().clamp(min=1)
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # half-precision logits upcast, as HF does
         total = hidden.new_zeros((), dtype=dtype)
@@ -64,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the logits `hidden @ weight.T + bias` against `targets` (IGNORE skipped),
+    """Mean cross-entropy of the logits `hidden @ weight.T + bias` against `targets` (IGNORE_INDEX skipped),
     with `hidden` (tokens x d) and `targets` (tokens,), never holding all the logits at once."""
     chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
@@ -97,8 +96,11 @@ class FusedLMLoss(ForwardRewrite):
     """The fused output projection and loss, attached to a causal LM while the trainer runs."""
 
     def __init__(self, model: nn.Module, decoder: nn.Module, head: nn.Linear):
-        self.model = self.module = model
-        self.decoder, self.head = decoder, head
+        self.model, self.decoder, self.head = model, decoder, head
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
 
     @staticmethod
     def plan(model: nn.Module, sample: dict) -> "FusedLMLoss | None":
