@@ -3,7 +3,7 @@
 1. Forward time relative to the unadapted base model: MiniLM-L6, 64 rows x 64 tokens, LoRA r=8 on
    every linear layer, with 1 adapter (unmerged; and leanfit's hot merged adapter), 8 and 64 distinct
    adapters in one batch: leanfit `forward_mixed` vs peft `adapter_names=` (one adapter: peft's
-   active adapter). Contenders alternate in one process, after a warm-up, >= 7 repetitions.
+   active adapter). Contenders alternate in one process, after a warm-up, 15 rounds.
 2. Generation throughput (new tokens/s) of SmolLM2-135M, 8 adapters (LoRA r=8, all linear) in one
    batch of 8 rows, greedy: leanfit's serving loop (serve/generation.py) vs peft `generate(...,
    adapter_names=)`, alternating, the base model's own loop as reference; both produce the same tokens.
@@ -45,7 +45,7 @@ from leanfit.core.model import adapter_modules  # noqa: E402
 from leanfit.serve.generation import GenerationParams, generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = {"rows": 64, "tokens": 64, "counts": (1, 8, 64), "reps": 7, "gen_rows": 8, "prompt": 32, "new": 32,
+FULL = {"rows": 64, "tokens": 64, "counts": (1, 8, 64), "reps": 15, "gen_rows": 8, "prompt": 32, "new": 32,
         "gen_reps": 7, "load_s": 60, "clients": 16}
 QUICK = {"rows": 8, "tokens": 16, "counts": (1, 2, 8), "reps": 2, "gen_rows": 4, "prompt": 8, "new": 4,
          "gen_reps": 1, "load_s": 5, "clients": 4}

@@ -309,9 +309,59 @@ def test_the_stacked_factor_bank_is_reused_and_never_stale():
         lf.core.model.adapter_modules(model, "b")["encoder.layer.0.attention.self.query"].lora_B.mul_(-3)
     check(["b", "a", "b", "a", "c", "c"])
     assert host._bank is not bank
+    bank = host._bank
+    with torch.no_grad():  # the bank holds the base layer's bias too (the up-projection writes it)
+        host.base_layer.bias.add_(0.5)
+    check(["a", "b", "c", "c", "b", "a"])
+    assert host._bank is not bank
     lf.delete(model, "c")  # the same name back with another rank, maybe at the same address
     lf.adapt(model, lf.LoRA(rank=5), targets=["query", "dense"], name="c", train_modules=[])
     perturb(model, seed=7)
     model.eval()
     check(["c", "a", "b", "c", "a", "b"])
     assert host._bank.ranks["c"] == 5
+
+
+def test_a_banked_form_is_taken_anew_after_an_attribute_change_or_a_swapped_tensor():
+    """Mixed batches reuse each adapter's stacked form while its form_stamp holds; a DyLoRA rank set,
+    a parameter's `.data` swapped, or a train/eval round trip must each show in the next batch."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64))
+    lf.adapt(model, lf.DyLoRA(rank=4, min_rank=1), targets=["query"], name="d", train_modules=[])
+    lf.adapt(model, lf.LoRA(rank=2), targets=["query"], name="l", train_modules=[])
+    perturb(model, seed=5)
+    model.eval()
+    ids = torch.randint(1, 100, (4, 5), generator=torch.Generator().manual_seed(3))
+    host = hosts(model)["encoder.layer.0.attention.self.query"]
+    dyn, low = host.adapters["d"], host.adapters["l"]
+
+    def check():
+        names = ["d", "l", "l", "d"]
+        with torch.inference_mode():
+            mixed = forward_mixed(model, {"input_ids": ids}, names).last_hidden_state
+            for i, name in enumerate(names):
+                lf.activate(model, name)
+                assert (mixed[i] - model(input_ids=ids[i:i + 1]).last_hidden_state[0]).abs().max() <= 1e-5, (i, name)
+
+    check()
+    stamp = dyn.form_stamp()
+    assert stamp is not None and dyn.form_stamp() == stamp  # nothing changed: the banked form is reused
+    dyn.set_rank(2)  # an attribute: the form narrows to rank 2
+    assert dyn.form_stamp() != stamp
+    check()
+    with torch.no_grad():
+        low.lora_B.data = low.lora_B.data * -2  # a swapped tensor, no version bump on the parameter
+    check()
+    model.train()
+    model.eval()
+    check()
+
+
+def test_form_stamp_is_none_where_a_submodule_holds_tensors():
+    model = tiny_net()
+    lf.adapt(model, lf.LoRA(rank=2), targets="all-linear", name="a")
+    module = next(iter(adapter_modules(model, "a").values()))
+    assert module.form_stamp() is not None
+    module.extra = torch.nn.Linear(2, 2)
+    assert module.form_stamp() is None

@@ -112,8 +112,8 @@ def mixed_batch(model: nn.Module, row_adapters: Sequence[str | None]):
     plan = RowPlan.of(row_adapters)
     check_plan(model, plan)
     every = list(hosts(model).values())
-    for host in every:
-        host.set_row_plan(plan)
+    for host in every:  # built now where no gradient will flow (HostRows serve inference only)
+        host.set_row_plan(plan, build=not torch.is_grad_enabled())
     try:
         yield MixedBatch(model, plan)
     finally:

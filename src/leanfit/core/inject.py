@@ -108,7 +108,24 @@ def host_at(model: nn.Module, name: str) -> AdapterHost:
 
 
 def hosts(model: nn.Module) -> dict[str, AdapterHost]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterHost)}
+    """Every host by module name, in `named_modules` order. Hosts never nest, so the walk does not
+    enter them: with 64 adapters a host holds hundreds of modules, and every mixed batch asks."""
+    found: dict[str, AdapterHost] = {}
+    seen: set[int] = set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if isinstance(module, AdapterHost):
+            found[prefix] = module
+            return
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return found
 
 
 def unwrap_hosts(model: nn.Module) -> nn.Module:

@@ -52,24 +52,32 @@ def _fill(out: torch.Tensor, bias: torch.Tensor | None) -> None:
         out.copy_(bias.expand_as(out))
 
 
-def stack_factors(forms: list[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down (k, r, in), up_t (k, r, out) with the scale folded in); smaller ranks padded with zeros,
-    which add exact zeros. up_t is contiguous in that layout: bmm is several times faster on it."""
+def stack_factors(forms: list[LowRank], bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down (k, r, in), up_t (k, lead + r, out) with the scale folded in); smaller ranks padded with
+    zeros, which add exact zeros. up_t is contiguous in that layout: bmm is several times faster on it.
+    With a bias, row 0 of each up_t is the bias (lead = 1): the up-projection, given a column of ones,
+    then writes bias + delta in one pass over the output, instead of a pass copying the bias first."""
     rank = max(f.down.shape[0] for f in forms)
     like = {"device": forms[0].down.device, "dtype": forms[0].down.dtype}
     down = torch.stack([_pad(f.down, rank, 0) for f in forms])
     scales = torch.tensor([f.scale for f in forms], **like).view(-1, 1, 1)
-    up = torch.stack([_pad(f.up, rank, 1) for f in forms]).mul_(scales)  # (k, out, r)
-    return down, up.transpose(1, 2).contiguous()
+    up = torch.stack([_pad(f.up, rank, 1) for f in forms]).mul_(scales).transpose(1, 2)  # (k, r, out)
+    if bias is not None:
+        up = torch.cat([bias.to(up.dtype).expand(len(forms), 1, -1), up], dim=1)
+    return down, up.contiguous()
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple | None:
+    """Where a tensor is, its shape, and its version counter (bumped by every in-place change)."""
+    return None if t is None else (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
 
 
 def _key(form: LowRank) -> tuple | None:
-    """Identifies a form's values while its tensors are views of the adapter's own parameters: where
-    they are, their shape, and their version counter (bumped by every in-place change). None for
-    tensors computed under inference mode, which have no version counter (and are never banked)."""
+    """Identifies a form's values while its tensors are views of the adapter's own parameters. None
+    for tensors computed under inference mode, which have no version counter (and are never banked)."""
     if form.down.is_inference() or form.up.is_inference():
         return None
-    return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version) for t in (form.down, form.up)) + (form.scale,)
+    return _tensor_key(form.down), _tensor_key(form.up), form.scale
 
 
 def bankable(module: nn.Module, form: LowRank) -> bool:
@@ -83,26 +91,41 @@ class LowRankBank:
     """Every resident bankable LowRank adapter of one host, stacked once, in name order (a plan's
     order), so that a plan gathers its adapters with one index_select per factor instead of stacking
     them from scattered parameters; a plan that uses every banked adapter uses the bank as it is.
-    It holds a second copy of those factors. Hosts drop it when adapters are added or removed."""
+    It holds a second copy of those factors (and of the base layer's bias, see stack_factors).
+    Hosts drop it when adapters are added or removed."""
 
-    def __init__(self, forms: dict[str, LowRank]):
+    def __init__(self, forms: dict[str, LowRank], bias: torch.Tensor | None,
+                 modules: dict[str, nn.Module] | None = None):
         names = sorted(forms)
         self.index = {n: i for i, n in enumerate(names)}
+        self.forms = forms
         self.keys = {n: _key(forms[n]) for n in names}
+        # (module, its form_stamp) when the form was taken: while both hold, the form is current
+        self.stamps = {n: (m, m.form_stamp()) for n, m in (modules or {}).items()}
         self.ranks = {n: forms[n].down.shape[0] for n in names}
-        self.down, self.up_t = stack_factors([forms[n] for n in names])
+        self.bias_key = _tensor_key(bias)
+        self.down, self.up_t = stack_factors([forms[n] for n in names], bias)
 
-    def fresh(self, forms: dict[str, LowRank]) -> bool:
-        return all(n in self.keys and self.keys[n] == _key(f) for n, f in forms.items())
+    def current_form(self, name: str, module: nn.Module) -> LowRank | None:
+        """The banked form of `name` if `module` is the banked one and unchanged since, else None."""
+        banked = self.stamps.get(name)
+        if banked is None or banked[0] is not module or banked[1] is None:
+            return None
+        return self.forms[name] if module.form_stamp() == banked[1] else None
+
+    def fresh(self, forms: dict[str, LowRank], bias: torch.Tensor | None) -> bool:
+        return self.bias_key == _tensor_key(bias) and all(
+            n in self.keys and self.keys[n] == _key(f) for n, f in forms.items())
 
     def take(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked factors of `names`, cut to their largest rank (the padding is trailing zeros)."""
         rank = max(self.ranks[n] for n in names)
+        lead = 0 if self.bias_key is None else 1
         idx = [self.index[n] for n in names]
         if idx == list(range(len(self.index))) and rank == self.down.shape[1]:
             return self.down, self.up_t
         idx = torch.tensor(idx, device=self.down.device)
-        return self.down[:, :rank].index_select(0, idx), self.up_t[:, :rank].index_select(0, idx)
+        return self.down[:, :rank].index_select(0, idx), self.up_t[:, :lead + rank].index_select(0, idx)
 
 
 class LowRankRows:
@@ -112,7 +135,8 @@ class LowRankRows:
     length: the batch is viewed as (segments, rows * tokens, in), no copy), "gather" (anything else:
     the segments' rows are gathered, padded to the longest, and the deltas scattered back)."""
 
-    def __init__(self, parts: list[tuple[str, LowRank, int, int]], n_rows: int, bank: "LowRankBank | None"):
+    def __init__(self, parts: list[tuple[str, LowRank, int, int]], n_rows: int, bank: "LowRankBank | None",
+                 bias: torch.Tensor | None = None):
         self.n_rows = n_rows
         first = parts[0][1]
         self.lo, self.hi = parts[0][2], parts[-1][3]
@@ -126,9 +150,11 @@ class LowRankRows:
         self.k, self.width = len(parts), max(lengths)
         device = first.down.device
         if bank is not None:
-            self.down, self.up_t = bank.take([name for name, _, _, _ in parts])
+            self.down, up = bank.take([name for name, _, _, _ in parts])
         else:
-            self.down, self.up_t = stack_factors([f for _, f, _, _ in parts])
+            self.down, up = stack_factors([f for _, f, _, _ in parts], bias)
+        # up_t: the factors alone; up_tb: with the bias as row 0 (None without a bias)
+        self.up_tb, self.up_t = (up, up[:, 1:]) if bias is not None else (None, up)
         if self.mode == "gather":
             # Segment j's rows, padded (with its first row, whose extra results are dropped) to `width`.
             pad = [list(range(s, e)) + [s] * (self.width - (e - s)) for _, _, s, e in parts]
@@ -157,9 +183,13 @@ class LowRankRows:
             return x3[self.lo:self.hi].reshape(self.k, self.width * tokens, n_in)
         return x3[self.padded].view(self.k, self.width * tokens, n_in)
 
-    def _hidden(self, xs: torch.Tensor) -> torch.Tensor:
-        """A x per segment, (k, tokens, r); computed as A x^T, the faster layout for a small r."""
-        return torch.bmm(self.down, xs.transpose(1, 2)).transpose(1, 2)
+    def _hidden(self, xs: torch.Tensor, ones: bool = False) -> torch.Tensor:
+        """A x per segment, (k, tokens, r), computed as A x^T, the faster layout for a small r; with
+        `ones`, a column of ones first, (k, tokens, 1 + r), to take up_tb's bias row."""
+        h = torch.bmm(self.down, xs.transpose(1, 2))
+        if ones:
+            h = torch.cat([h.new_ones(1, 1, 1).expand(h.shape[0], 1, h.shape[2]), h], dim=1)
+        return h.transpose(1, 2)
 
     def prefill(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
         """bias + delta for every row, as the (rows * tokens, out) buffer the base GEMM adds onto."""
@@ -173,11 +203,8 @@ class LowRankRows:
             for rest in (out[:self.lo], out[self.hi:]):
                 _fill(rest, bias)
             target = out[self.lo:self.hi].view(self.k, -1, n_out)
-            h = self._hidden(self._segments(x3))
-            if bias is None:
-                torch.bmm(h, self.up_t, out=target)
-            else:
-                torch.baddbmm(bias, h, self.up_t, out=target)
+            h = self._hidden(self._segments(x3), ones=bias is not None)
+            torch.bmm(h, self.up_t if bias is None else self.up_tb, out=target)
         else:
             _fill(out, bias)
             self._scatter_add(out, torch.bmm(self._hidden(self._segments(x3)), self.up_t))
@@ -240,10 +267,17 @@ class HostRows:
     def __init__(self, adapters: nn.ModuleDict, segments, n_rows: int, base: nn.Module,
                  bank: LowRankBank | None = None):
         low, affine, self.other = [], [], []
+        linear = layer_kind(base) == LINEAR
+        modules = adapters._modules  # a plain dict: this loop runs once per adapter and layer of a plan
+        banked = 0  # low-rank forms taken from the bank unchanged (their keys need no check)
         for name, s, e in segments:
-            module = adapters[name]
-            form = None if module.training else module.batched_form(base)
-            if isinstance(form, LowRank) and layer_kind(base) == LINEAR:
+            module = modules[name]
+            form = bank.current_form(name, module) if bank is not None and linear else None
+            if form is not None:
+                banked += 1
+            elif not module.training:
+                form = module.batched_form(base)
+            if linear and isinstance(form, LowRank):
                 low.append((name, form, s, e))
             elif isinstance(form, ChannelAffine):
                 affine.append((form, s, e))
@@ -252,11 +286,13 @@ class HostRows:
         self.bank, self.low = bank, None
         if len(low) > 1:
             needed = {n: f for n, f, _, _ in low}
-            self.bank = _refreshed(bank, adapters, base, needed)
-            usable = self.bank is not None and self.bank.fresh(needed)
-            self.low = LowRankRows(low, n_rows, self.bank if usable else None)
+            if banked == len(low) and bank.bias_key == _tensor_key(_bias(base)):
+                usable = True
+            else:
+                self.bank, usable = _refreshed(bank, adapters, base, needed)
+            self.low = LowRankRows(low, n_rows, self.bank if usable else None, _bias(base))
         elif low:
-            self.low = LowRankRows(low, n_rows, None)
+            self.low = LowRankRows(low, n_rows, None, _bias(base))
         self.affine = AffineRows(affine, base) if affine else None
 
     @property
@@ -283,17 +319,24 @@ class HostRows:
 
 
 def _refreshed(bank: LowRankBank | None, adapters: nn.ModuleDict, base: nn.Module,
-               needed: dict[str, LowRank]) -> LowRankBank | None:
-    """`bank` if it holds `needed` as they are now, else a new bank of every bankable adapter of the
-    host (None when a needed adapter cannot be banked: the plan then stacks its own factors)."""
-    if bank is not None and bank.fresh(needed):
-        return bank
+               needed: dict[str, LowRank]) -> tuple[LowRankBank | None, bool]:
+    """(bank, whether it holds `needed` as they are now): `bank` if it does, else a new bank of every
+    bankable adapter of the host; `bank` unchanged and False when a needed adapter cannot be banked
+    (the plan then stacks its own factors)."""
+    if bank is not None and bank.fresh(needed, _bias(base)):
+        return bank, True
     if not all(bankable(adapters[n], f) for n, f in needed.items()):
-        return bank
-    forms = {}
+        return bank, False
+    forms, modules = {}, {}
     for name, module in adapters.items():
         form = None if module.training else module.batched_form(base)
         if isinstance(form, LowRank) and bankable(module, form):
-            forms[name] = form
-    return LowRankBank(forms)
+            forms[name], modules[name] = form, module
+    fresh = LowRankBank(forms, _bias(base), modules)
+    return fresh, fresh.fresh(needed, _bias(base))
+
+
+def _bias(base: nn.Module) -> torch.Tensor | None:
+    bias = getattr(base, "bias", None)
+    return bias if torch.is_tensor(bias) else None
 

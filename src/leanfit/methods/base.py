@@ -192,10 +192,32 @@ class AdapterModule(nn.Module):
         """(weight delta, bias delta) in the base layer's layout, for merging."""
         raise NotImplementedError(f"method '{self.config.method}' cannot be merged")
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        # Any attribute set (training mode, a rank, a replaced parameter) may change batched_form.
+        self.__dict__["_attribute_sets"] = self.__dict__.get("_attribute_sets", 0) + 1
+
+    def form_stamp(self) -> tuple | None:
+        """A value that changes whenever batched_form's result may: an attribute set on the module,
+        a tensor of it added, replaced, swapped (`.data = ...`) or changed in place. A mixed batch
+        reuses the form it stacked while the stamp stays (core/segments.py), instead of asking each
+        of, say, 64 adapters in each of 37 layers for its form on every batch. None where it cannot
+        tell: a submodule holds tensors (their attributes are not watched)."""
+        for child in self._modules.values():
+            if child is not None and (child._parameters or child._buffers or child._modules):
+                return None
+        tensors = [*self._parameters.values(), *self._buffers.values()]
+        try:
+            return self.__dict__.get("_attribute_sets", 0), *[
+                (id(t), t.data_ptr(), t._version) for t in tensors if t is not None]
+        except RuntimeError:  # an inference-mode tensor has no version counter
+            return None
+
     def batched_form(self, base: nn.Module) -> LowRank | ChannelAffine | None:
         """This adapter's update in eval mode as data (LowRank, ChannelAffine) that a host can apply
         to the rows of many adapters in one op per layer; None (the default): only `delta`, which
-        mixed batches apply per row segment."""
+        mixed batches apply per row segment. It may read the module's own attributes and tensors,
+        not the base layer's: a form is reused while `form_stamp` is unchanged."""
         return None
 
     def cost(self, tokens: int = 1, base: nn.Module | None = None) -> Cost:

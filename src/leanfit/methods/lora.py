@@ -134,6 +134,12 @@ class LoRAModule(AdapterModule):
         self.register_buffer("lora_A0", a.clone())
         self.register_buffer("lora_B0", b.clone())
 
+    @property
+    def pissa_anchored(self) -> bool:
+        """Whether PiSSA's initial factors are kept to subtract (a buffer lookup: `hasattr` on a
+        module costs a raised AttributeError, and mixed batches ask once per adapter and layer)."""
+        return "lora_A0" in self._buffers
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, scaling) in effect; subclasses narrow or compose them."""
         return self.lora_A, self.lora_B, self.scaling
@@ -142,14 +148,14 @@ class LoRAModule(AdapterModule):
         a, b, scaling = self.factors()
         x = self.dropout(x) if self.kind != EMBEDDING else x
         out = _low_rank_delta(x, a, b, base, self.kind, scaling)
-        if hasattr(self, "lora_A0"):
+        if self.pissa_anchored:
             out = out - _low_rank_delta(x, self.lora_A0, self.lora_B0, base, self.kind, scaling)
         return out
 
     def delta_weight(self, base):
         a, b, scaling = self.factors()
         delta = b @ a
-        if hasattr(self, "lora_A0"):
+        if self.pissa_anchored:
             delta = delta - self.lora_B0 @ self.lora_A0
         return _as_base_layout(delta * scaling, base), None
 
@@ -157,7 +163,7 @@ class LoRAModule(AdapterModule):
         if self.kind != LINEAR:
             return None
         a, b, scaling = self.factors()
-        if hasattr(self, "lora_A0"):  # B A - B0 A0 is the rank-2r product [B, -B0] [A; A0]
+        if self.pissa_anchored:  # B A - B0 A0 is the rank-2r product [B, -B0] [A; A0]
             a, b = torch.cat([a, self.lora_A0]), torch.cat([b, -self.lora_B0], dim=1)
         return LowRank(a, b, scaling)
 
