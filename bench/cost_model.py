@@ -33,9 +33,9 @@ OUT = ROOT / "docs" / "benchmarks"
 THREADS = 2
 TARGET = 0.15  # the target for memory and time: within 15%
 
-MINILM = dict(model="minilm", data="bbc-news", batch_size=32, max_length=128, epochs=1, max_train_rows=128,
+MINILM = dict(model="minilm", data="bbc-news", batch_size=32, max_length=128, epochs=1, max_train_rows=256,
               max_eval_rows=64, seed=0)
-SMOLLM = dict(model="smollm2-135m", data="austen", batch_size=8, max_length=128, epochs=1, max_train_rows=32,
+SMOLLM = dict(model="smollm2-135m", data="austen", batch_size=8, max_length=128, epochs=1, max_train_rows=64,
               max_eval_rows=8, seed=0)
 CASES = {
     "minilm lora r=8 all blocks": dict(MINILM, method="lora", options={"rank": 8, "alpha": 16.0},

@@ -20,6 +20,8 @@ from torch import nn
 from ..data.splits import CAUSAL_LM
 from ..train.layers import transformer_blocks
 
+STEADY_REPS = 3  # timed repetitions after a warm-up; their median is kept
+
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
 except OSError:  # not glibc: freed heap stays counted, peaks read a little high
@@ -212,13 +214,14 @@ def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[
             _step(model, batch)  # warm-up, outside the meters
             with PeakMeter() as peak, _saved_bytes_per_block(model, blocks) as saved:
                 first = _timed_step(model, batch, stamps, k)
-            second = _timed_step(model, batch, stamps, k)
+            steady = [_timed_step(model, batch, stamps, k) for _ in range(STEADY_REPS)]
         finally:
             stamps.remove()
         per_block_saved = {}
         for block_index, nbytes in saved.values():
             per_block_saved[block_index] = per_block_saved.get(block_index, 0) + nbytes
-        times = {key: min(first[key], second[key]) for key in first if key != "grad_bytes"}  # less interference
+        # the median, as a run's step time is reported (the least of a few runs was 10-20% below it)
+        times = {key: statistics.median(r[key] for r in steady) for key in first if key != "grad_bytes"}
         # the first step ran on memory just handed back to the OS (PeakMeter's malloc_trim): page faults
         return {**times, "cold_step_s": first["step_s"], "peak_bytes": peak.bytes, "grad_bytes": first["grad_bytes"],
                 "block_saved_bytes": _mean([per_block_saved.get(i, 0) for i in range(k, len(blocks))]),
@@ -262,8 +265,9 @@ def _timed_step(model: nn.Module, batch: dict, stamps: "_Stamps", k: int) -> dic
             "grad_bytes": grads}
 
 
-def alternate_steps(model: nn.Module, batch: dict, trained: int, switch, rounds: int = 3) -> tuple[float, float]:
-    """Least seconds (the run least disturbed by other work) of a training step with `switch(False)` and with `switch(True)` applied,
+def alternate_steps(model: nn.Module, batch: dict, trained: int, switch,
+                    rounds: int = STEADY_REPS + 1) -> tuple[float, float]:
+    """Median seconds of a training step with `switch(False)` and with `switch(True)` applied,
     alternating, the first round a warm-up; gradients flow from the top `trained` blocks up, as in
     profile_train_step, whatever is trainable."""
     _, blocks = transformer_blocks(model)
@@ -292,10 +296,10 @@ def alternate_steps(model: nn.Module, batch: dict, trained: int, switch, rounds:
                     times[on].append(elapsed)
     finally:
         handle.remove()
-    return min(times[False]), min(times[True])
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
-def profile_inference(model: nn.Module, batch: dict, reps: int = 3) -> dict:
+def profile_inference(model: nn.Module, batch: dict, reps: int = STEADY_REPS) -> dict:
     """Eval-mode forward without labels, no graph: seconds of the entry, one block, the head."""
     _, blocks = transformer_blocks(model)
     entry = entry_module(model, blocks, batch)
@@ -317,11 +321,11 @@ def profile_inference(model: nn.Module, batch: dict, reps: int = 3) -> dict:
                              "head_s": end - stamps.t[("fwd", len(blocks) - 1, 1)]})
     finally:
         model.train(was)
-    return {k: min(r[k] for r in runs) for k in runs[0]}  # the least disturbed by other work
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def profile_evaluation(model: nn.Module, batch: dict, task: str, reps: int = 2) -> dict:
-    """The trainer's evaluation of one batch (forward, loss and metrics from the logits): the least
+def profile_evaluation(model: nn.Module, batch: dict, task: str, reps: int = STEADY_REPS) -> dict:
+    """The trainer's evaluation of one batch (forward, loss and metrics from the logits): the median
     seconds of `reps` runs after a warm-up, the head's share (after the last block), the peak."""
     from ..train.metrics import evaluate_split
     _, blocks = transformer_blocks(model)
@@ -341,8 +345,7 @@ def profile_evaluation(model: nn.Module, batch: dict, task: str, reps: int = 2) 
             peaks.append(peak.bytes)
     finally:
         stamps.remove()
-    return {"total_s": min(r["total_s"] for r in runs), "head_s": min(r["head_s"] for r in runs),
-            "final_block_s": min(r["final_block_s"] for r in runs),
+    return {**{k: statistics.median(r[k] for r in runs) for k in ("total_s", "head_s", "final_block_s")},
             "peak_bytes": peaks[0]}  # the first run's, on memory just handed back (as a run's first evaluation)
 
 
