@@ -23,6 +23,8 @@ from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, Llam
 import leanfit as lf
 from leanfit.serve import AdapterRegistry, Engine, GenerationParams, create_app
 from leanfit.serve.engine import mean_pool
+from leanfit.core.batching import forward_mixed
+from leanfit.core.inject import hosts
 from leanfit.serve.registry import InvalidAdapterNameError, UnknownAdapterError
 from _nets import perturb
 
@@ -350,3 +352,26 @@ def test_chat_completions_on_smollm2_equal_offline_greedy_generation(tmp_path):
                                                      stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected["two"]
     assert len(set(expected.values())) > 1
+
+
+def test_the_byte_cap_counts_the_stacked_copy_that_mixed_batches_keep(tmp_path):
+    """A LoRA adapter costs its tensors plus the bank's copy of its factors (and a bias row per layer);
+    the cap evicts by that, and it equals what the banks hold after a mixed batch."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)).eval()
+    for i, name in enumerate("abc"):
+        save_adapter(model, tmp_path, name, lf.LoRA(rank=2), ["query"], seed=i)
+        lf.delete(model, name)
+    tensors = 2 * (2 * 16) * 4  # A (2 x 16) and B (16 x 2), float32
+    footprint = tensors + (2 * (16 + 16) + 16) * 4  # the banked factors and the query's bias row
+    registry = AdapterRegistry(tmp_path, max_adapters=8, max_bytes=2 * footprint + 10)  # 4 by tensors alone
+    assert registry.ensure(model, ["a", "b"]) == {}
+    assert registry.resident_bytes() == 2 * footprint
+    ids = torch.randint(1, 50, (2, 4))
+    with torch.inference_mode():
+        forward_mixed(model, {"input_ids": ids}, ["a", "b"])
+    bank = hosts(model)["encoder.layer.0.attention.self.query"]._bank
+    assert (bank.down.numel() + bank.up_t.numel()) * 4 == 2 * (footprint - tensors)
+    registry.ensure(model, ["c"])
+    assert registry.resident() == ["b", "c"]

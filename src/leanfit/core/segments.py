@@ -87,6 +87,17 @@ def bankable(module: nn.Module, form: LowRank) -> bool:
     return all(t.untyped_storage().data_ptr() in owned for t in (form.down, form.up))
 
 
+def banked_bytes(module: nn.Module, base: nn.Module) -> int:
+    """Bytes the layer's LowRankBank holds for this adapter once a mixed batch has built it: a copy
+    of its low-rank factors, and a row for the base layer's bias; 0 for an adapter it does not bank."""
+    form = None if module.training else module.batched_form(base)
+    if layer_kind(base) != LINEAR or not isinstance(form, LowRank) or not bankable(module, form):
+        return 0
+    rank, n_in = form.down.shape
+    values = rank * (n_in + form.up.shape[0]) + (out_features(base) if _bias(base) is not None else 0)
+    return values * form.down.element_size()
+
+
 class LowRankBank:
     """Every resident bankable LowRank adapter of one host, stacked once, in name order (a plan's
     order), so that a plan gathers its adapters with one index_select per factor instead of stacking

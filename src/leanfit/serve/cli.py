@@ -33,7 +33,8 @@ def add_commands(subparsers) -> dict:
     s.add_argument("--max-adapters", dest="max_adapters", type=int, default=32,
                    help="adapters kept loaded at once; the least recently used is unloaded first (default 32)")
     s.add_argument("--max-adapter-memory", dest="max_adapter_memory", metavar="SIZE",
-                   help="cap on the loaded adapters' tensor bytes, e.g. 512MB or 2GiB (default: no cap)")
+                   help="cap on the loaded adapters' memory (their tensors and the stacked copy mixed batches keep of "
+                        "low-rank factors), e.g. 512MB or 2GiB (default: no cap)")
     s.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=32,
                    help="requests run together in one batch at most (default 32)")
     s.add_argument("--batch-window-ms", dest="batch_window_ms", type=float, default=5.0,

@@ -3,8 +3,9 @@
 Each subdirectory `<registry>/<name>/` is an adapter written by `leanfit.save`. A request names an
 adapter; the name is checked against a strict pattern and its resolved path must stay inside the
 registry, so a request can never make the server read another file. Resident adapters are kept in
-least-recently-used order under a cap on their count and on their tensor bytes; the least recently used
-adapter not needed by the batch at hand is unloaded first.
+least-recently-used order under a cap on their count and on their bytes: their tensors, plus the copy
+of their low-rank factors that mixed batches stack (core/segments.py, LowRankBank), which doubles a
+LoRA adapter's share. The least recently used adapter not needed by the batch at hand is unloaded first.
 
 Every method that touches the model must run on the engine's worker thread (the only thread that
 runs the model), so loading and unloading happen between batches and never under a running forward.
@@ -20,6 +21,8 @@ from pathlib import Path
 from torch import nn
 
 from ..core import artifact
+from ..core.inject import hosts
+from ..core.segments import banked_bytes
 from ..core.model import activate as set_active
 from ..core.model import active, adapter_modules, delete
 from ..errors import AdapterError, ArtifactError, ConfigError, UnknownAdapterError
@@ -117,9 +120,21 @@ class AdapterRegistry:
             delete(model, name)
             raise UnservableAdapterError(f"Adapter '{name}' uses a method that cannot share a batch with other "
                                          "adapters; serve it on its own model instead.")
+        size = self._footprint(model, name)  # the file's size was an estimate before loading
         with self._lock:
             self._resident[name] = size
+        self._evict(model, incoming=0, keep=set(keep) | {name}, adding=False)  # the bank's share, known now
         return True
+
+    @staticmethod
+    def _footprint(model: nn.Module, name: str) -> int:
+        """Bytes adapter `name` holds resident: its tensors and the banks' copy of its factors."""
+        layers = hosts(model)
+        tensors, banked = {}, 0  # tensors by id: a module shared by every layer counts once
+        for host, module in adapter_modules(model, name).items():
+            tensors.update((id(t), t.numel() * t.element_size()) for t in [*module.parameters(), *module.buffers()])
+            banked += banked_bytes(module, layers[host].base_layer)
+        return sum(tensors.values()) + banked
 
     def unload(self, model: nn.Module, name: str) -> bool:
         """Remove adapter `name` from the model; returns whether it was resident."""
@@ -131,11 +146,11 @@ class AdapterRegistry:
         delete(model, name)
         return True
 
-    def _evict(self, model: nn.Module, incoming: int, keep: set) -> None:
+    def _evict(self, model: nn.Module, incoming: int, keep: set, adding: bool = True) -> None:
         while True:
             with self._lock:
-                count, total = len(self._resident), sum(self._resident.values())
-                over = count + 1 > self.max_adapters or (self.max_bytes is not None and total + incoming > self.max_bytes)
+                count, total = len(self._resident) + adding, sum(self._resident.values()) + incoming
+                over = count > self.max_adapters or (self.max_bytes is not None and total > self.max_bytes)
                 victim = next((n for n in self._resident if n not in keep), None)
                 if not over or victim is None:
                     return
