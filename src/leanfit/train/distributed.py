@@ -16,6 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .metrics import IGNORE_INDEX
+
 
 def init_from_env() -> bool:
     """Join the process group `torchrun` describes in the environment; False when not under torchrun."""
@@ -47,7 +49,7 @@ def shard(index: torch.Tensor) -> torch.Tensor:
 def predicted(batch: dict, task_is_lm: bool) -> int:
     """What a loss averages over: rows, or (for causal LM) shifted labelled tokens."""
     if task_is_lm:
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return len(batch["labels"])
 
 
