@@ -222,3 +222,27 @@ def test_a_space_smaller_than_the_trials_stops_after_a_bounded_number_of_proposa
     statuses = [t.user_attrs.get("status") for t in trials_of(out)]
     assert statuses.count("trained") == 1  # the one point, trained once
     assert len(statuses) == PROPOSALS_PER_TRIAL * 3 and set(statuses) == {"trained", "duplicate"}
+
+
+def test_tpe_starts_from_the_cheapest_point_of_each_method_and_random_search_does_not(tiny, tmp_path):
+    out = tmp_path / "design"
+    assert run_cli(search_args(tiny, out, 12, "params=4%", "--finalists", "0")) == 0
+    trials = sorted(trials_of(out), key=lambda t: t.number)
+    design = [t for t in trials if t.system_attrs.get("fixed_params")]
+    assert [t.number for t in design] == list(range(len(design)))  # before any other trial
+    assert 3 <= len(design) <= 6  # each method's two ends (one where they coincide), at most half the 12
+    assert all(t.params["log10_lr"] == -1.0 for t in design)  # the top of --lr-range 1e-3:1e-1
+    rows = json.loads((out / "search.json").read_text())["rungs"][0]["trials"]
+    share = {r["trial"]: r["cost"]["trainable_share"] for r in rows if r.get("cost")}
+    feasible = {}
+    for r in rows:
+        if r["feasible"]:
+            feasible.setdefault(r["params"]["method"], []).append(share[r["trial"]])
+    ends = {m: (min(v), max(v)) for m, v in feasible.items()}
+    assert {t.params["method"] for t in design} == {"lora", "ia3", "bitfit"}
+    assert all(share[t.number] in ends[t.params["method"]] for t in design)  # no trial was cheaper or dearer
+    assert share[design[0].number] == min(share.values())  # the cheapest first
+
+    plain = tmp_path / "random"
+    assert run_cli(search_args(tiny, plain, 2, "params=4%", "--finalists", "0", "--sampler", "random")) == 0
+    assert not any(t.system_attrs.get("fixed_params") for t in trials_of(plain))

@@ -24,6 +24,8 @@ def add_commands(subparsers) -> dict:
     p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
     p.add_argument("--sampler-seed", dest="sampler_seed", type=int, default=0)
     p.add_argument("--startup-trials", dest="startup_trials", type=int, help="random trials before TPE models")
+    p.add_argument("--no-initial-design", dest="initial_design", action="store_false",
+                   help="do not start from the cheapest configuration of each method (at the top learning rate)")
     run = p.add_argument_group("the run each configuration becomes (as for `leanfit tune`)")
     run.add_argument("--config", help="JSON file of tune options for the full run (model, data, epochs ...)")
     run.add_argument("--model", help="zoo name (minilm, smollm2-135m) or a local Hugging Face model folder")
@@ -85,6 +87,7 @@ def settings_from_args(args):
     return SearchSettings(
         base=base, space=SearchSpace(**space_options), budget=parse_budget(args.budget), trials=args.trials,
         objectives=tuple(_items(args.objectives)), sampler=args.sampler, startup_trials=args.startup_trials,
+        initial_design=args.initial_design,
         seed=args.sampler_seed, search_rows=rows, search_epochs=args.search_epochs,
         search_max_length=args.search_max_length, search_eval_rows=args.search_eval_rows, eta=args.eta, finalists=args.finalists,
         output=args.output or f"out/search-{Path(str(base.data)).stem}", storage=args.storage,

@@ -47,6 +47,8 @@ class SearchSettings:
     objectives: tuple[str, ...] = ("accuracy", "params")
     sampler: str = "tpe"
     startup_trials: int | None = None
+    # TPE and NSGA-II first train the cheapest point of each method (search.py); random search never
+    initial_design: bool = True
     seed: int = 0  # of the sampler; training uses base.seed
     search_rows: int | None = 256
     search_epochs: int = 1
@@ -80,7 +82,7 @@ class SearchSettings:
         base = {k: v for k, v in asdict(self.base).items() if k not in ("output", "progress", "resume")}
         return {"base": base, "space": self.space.as_dict(), "budget": self.budget.text,
                 "objectives": list(self.objectives), "sampler": self.sampler,
-                "fidelity": self.first_fidelity().key()}
+                "initial_design": self.initial_design, "fidelity": self.first_fidelity().key()}
 
     def first_fidelity(self, train_rows: int | None = None) -> Fidelity:
         rows = self.search_rows if train_rows is None or self.search_rows is None else min(self.search_rows, train_rows)
