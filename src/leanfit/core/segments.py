@@ -294,16 +294,16 @@ class HostRows:
                 affine.append((form, s, e))
             else:
                 self.other.append((module, s, e))
-        self.bank, self.low = bank, None
+        self.bank, self.low, bias = bank, None, _bias(base)
         if len(low) > 1:
             needed = {n: f for n, f, _, _ in low}
-            if banked == len(low) and bank.bias_key == _tensor_key(_bias(base)):
+            if banked == len(low) and bank.bias_key == _tensor_key(bias):
                 usable = True
             else:
-                self.bank, usable = _refreshed(bank, adapters, base, needed)
-            self.low = LowRankRows(low, n_rows, self.bank if usable else None, _bias(base))
+                self.bank, usable = _refreshed(bank, adapters, base, needed, bias)
+            self.low = LowRankRows(low, n_rows, self.bank if usable else None, bias)
         elif low:
-            self.low = LowRankRows(low, n_rows, None, _bias(base))
+            self.low = LowRankRows(low, n_rows, None, bias)
         self.affine = AffineRows(affine, base) if affine else None
 
     @property
@@ -330,11 +330,11 @@ class HostRows:
 
 
 def _refreshed(bank: LowRankBank | None, adapters: nn.ModuleDict, base: nn.Module,
-               needed: dict[str, LowRank]) -> tuple[LowRankBank | None, bool]:
+               needed: dict[str, LowRank], bias: torch.Tensor | None) -> tuple[LowRankBank | None, bool]:
     """(bank, whether it holds `needed` as they are now): `bank` if it does, else a new bank of every
     bankable adapter of the host; `bank` unchanged and False when a needed adapter cannot be banked
     (the plan then stacks its own factors)."""
-    if bank is not None and bank.fresh(needed, _bias(base)):
+    if bank is not None and bank.fresh(needed, bias):
         return bank, True
     if not all(bankable(adapters[n], f) for n, f in needed.items()):
         return bank, False
@@ -343,8 +343,8 @@ def _refreshed(bank: LowRankBank | None, adapters: nn.ModuleDict, base: nn.Modul
         form = None if module.training else module.batched_form(base)
         if isinstance(form, LowRank) and bankable(module, form):
             forms[name], modules[name] = form, module
-    fresh = LowRankBank(forms, _bias(base), modules)
-    return fresh, fresh.fresh(needed, _bias(base))
+    fresh = LowRankBank(forms, bias, modules)
+    return fresh, fresh.fresh(needed, bias)
 
 
 def _bias(base: nn.Module) -> torch.Tensor | None:
