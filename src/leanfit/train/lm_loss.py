@@ -24,8 +24,11 @@ from torch import nn
 
 from .layers import ForwardRewrite
 from .metrics import IGNORE_INDEX
-CHUNK_BYTES = 8 << 20  # logits per chunk: large enough for efficient matrix products, small enough to stay cached
 
+# Logits per chunk. Every chunk reads the whole output weight (113 MB for SmolLM2) twice, so small
+# chunks are bound by memory: on a 2-core CPU a batch of 8 x 128 SmolLM2 tokens took 0.71 s in 8 MB
+# chunks (42 tokens), 0.52 s in 32 MB chunks and 0.59 s in 64 MB chunks (forward and backward).
+CHUNK_BYTES = 32 << 20
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean over labelled tokens of cross_entropy(hidden @ weight.T + bias, targets), gradient with
@@ -41,15 +44,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t, keep = hidden[start:start + chunk], targets[start:start + chunk], labelled[start:start + chunk]
             logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(dtype)
-            lse = torch.logsumexp(logits, dim=1)
             picked = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((lse - picked) * keep).sum()
+            # log-sum-exp by hand, keeping exp(logits - max) in place: it is the softmax's numerator,
+            # so the gradient needs no second exp pass over the chunk
+            top = logits.amax(dim=1, keepdim=True)
+            numerators = logits.sub_(top).exp_()
+            sums = numerators.sum(dim=1)
+            total += ((sums.log() + top.squeeze(1) - picked) * keep).sum()
             if grad is None:
                 continue
-            # d loss / d logits = (softmax - one_hot) / count on labelled rows; reuse `logits` in place
-            probs = logits.sub_(lse.unsqueeze(1)).exp_()
-            probs[torch.arange(len(t)), t.clamp(min=0)] -= 1
-            probs.mul_((keep.to(dtype) / count).unsqueeze(1))
+            # d loss / d logits = (softmax - one_hot) / count on labelled rows
+            probs = numerators.mul_((keep.to(dtype) / (count * sums)).unsqueeze(1))
+            probs[torch.arange(len(t)), t.clamp(min=0)] -= keep.to(dtype) / count
             grad[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
         if grad is not None:
             ctx.save_for_backward(grad)
