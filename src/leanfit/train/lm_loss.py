@@ -7,9 +7,10 @@ and the log-softmax gradient, each freshly allocated; an evaluation batch of 64 
 logits. Here each chunk's logits are computed, turned into the loss and the gradient with respect to
 the hidden states at once (softmax minus one-hot, times the weight), and dropped; the backward pass
 only scales that stored gradient. The same matrix products run; the big tensors never exist, which
-saves memory (SmolLM2, LoRA on every block: 0.58 GB of a 4.06 GB training peak) and, on a 2-core CPU
-where the products dominate, no measurable time. (The idea of Liger-Kernel's fused linear
-cross-entropy and Apple's Cut Cross-Entropy.)
+saves memory (SmolLM2, LoRA on every block: 0.58 GB of a 4.06 GB training peak) and passes over
+them: on 2 cores, 0.50 s for SmolLM2's output layer and loss on 8 x 128 tokens, forward and backward,
+against 0.61-0.64 s through the logits. (The idea of Liger-Kernel's fused linear cross-entropy and
+Apple's Cut Cross-Entropy.)
 
 `FusedLMLoss.plan` uses it for a Hugging Face causal LM whose output layer is a frozen `nn.Linear`,
 when on a sample batch its loss equals the model's own. While the trainer runs, a forward with labels
