@@ -94,7 +94,7 @@ def run_leanfit(task, dataset, model, tokenizer, policy: dict) -> dict:
 
     trainer = Trainer(model, data, epochs=task["epochs"], batch_size=task["batch_size"], lr=policy["lr"] or 5e-4,
                       schedule=policy.get("schedule", "linear"), prefix=policy.get("prefix", "off"),
-                      block_dropout=policy.get("block_dropout", True),
+                      block_dropout=policy.get("block_dropout", False),  # as leanfit tune
                       progress=False, on_step=on_step)
     trainer.fit()
     train_s = time.perf_counter() - started

@@ -22,11 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks"
 RUNS = ROOT / "out" / "bench-results"
-# Each method as the papers apply it: on every block, no lean-training policy (that is bench/train_speed.py's
-# subject); `lora-default` is what `leanfit tune` does with no options.
+# Each method as the papers apply it: on every block with the model's dropout, no lean-training policy
+# (that is bench/train_speed.py's subject); `lora-default` is what `leanfit tune` does with no options.
 COMMON = ["--data", "bbc-news", "--model", "minilm", "--epochs", "3", "--batch-size", "32",
           "--max-length", "128", "--seed", "0", "--no-progress"]
-PLAIN = ["--train-layers", "all", "--prefix", "off"]
+PLAIN = ["--train-layers", "all", "--prefix", "off", "--block-dropout"]
 CASES = {
     "lora-default": [],
     "full": ["--method", "full"],

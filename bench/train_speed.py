@@ -27,9 +27,9 @@ OUT = ROOT / "docs" / "benchmarks"
 # leanfit's policies per task: "leanfit" is what `leanfit tune` picks by default, the others are options
 # measured beside it (see docs/lean-training.md).
 POLICIES = {
-    "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3},
-            "leanfit-top1": {"train_layers": 1, "prefix": "cache", "lr": 2e-3},
-            "leanfit-no-dropout": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False}},
+    "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False},
+            "leanfit-top1": {"train_layers": 1, "prefix": "cache", "lr": 2e-3, "block_dropout": False},
+            "leanfit-block-dropout": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": True}},
     # On a causal LM the default adapts every block (the top third cost perplexity: docs/lean-training.md);
     # top 15 at lr 2e-3 is the fastest policy measured near it.
     "austen": {"leanfit": {"train_layers": None, "prefix": "off", "lr": 2e-3},
@@ -127,7 +127,7 @@ def _policy(p):
     if not p:
         return "LoRA r=8 on every linear layer, lr 5e-4 constant"
     layers = f"top {p['train_layers']} blocks" if p.get("train_layers") else "every block"
-    dropout = ", blocks' dropout off" if p.get("block_dropout") is False else ""
+    dropout = {False: ", blocks' dropout off", True: ", blocks' dropout on"}.get(p.get("block_dropout"), "")
     return f"LoRA r=8, {layers}, prefix {p.get('prefix', 'off')}{dropout}, lr {p['lr']:g} linear decay"
 
 

@@ -181,6 +181,12 @@ def test_the_final_block_is_calibrated_as_the_trainer_runs_it_and_priced_apart(c
     # frozen blocks below run without a graph
     assert top[1] == pytest.approx(scale * (10.0 - 0.3 * (blocks - 3) - 2 * 2.0 + 0.25 * (blocks - 1)))
     assert top[2] - top[1] == pytest.approx(scale * (2.0 - 0.25))  # one more whole block trains
+    # calibrated without the blocks' dropout, as tune trains by default; --block-dropout adds its masks per trained block
+    values["dropout_block_s"] = 0.4
+    dropout = estimate(config(train_layers=2, block_dropout=True), model, fixed, data=data, cache_dir=cache)
+    assert dropout.breakdown["step"]["passes_s"] - top[2] == pytest.approx(scale * 2 * 0.4)
+    assert calibration.values["dropout_block_s"] >= 0  # measured: the BERT has dropout in its blocks (timing noise may hide it)
+    assert all(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # and has it still
 
 
 def test_a_causal_lm_is_calibrated_with_its_loss_fused_as_the_trainer_trains_it(tmp_path):

@@ -58,8 +58,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     lean.add_argument("--lisa-layers", dest="lisa_layers", type=int, metavar="N", help="LISA: train N sampled blocks")
     lean.add_argument("--lisa-period", dest="lisa_period", type=int, metavar="STEPS")
     lean.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
-    lean.add_argument("--no-block-dropout", dest="block_dropout", action="store_false", default=None,
-                      help="turn the base model's dropout off inside its blocks (faster on CPU; see docs/lean-training.md)")
+    lean.add_argument("--block-dropout", dest="block_dropout", action=argparse.BooleanOptionalAction, default=None,
+                      help="keep the base model's dropout inside its blocks while training (off by default: "
+                           "faster on CPU at the same accuracy; see docs/lean-training.md)")
     lean.add_argument("--int8-base", dest="int8_base", action="store_true", default=None,
                       help="store the frozen base's linear weights in int8")
 

@@ -147,6 +147,7 @@ def measure_model(model: nn.Module, batch_size: int, seq_len: int, task: str, fi
 
 def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, fingerprint: str) -> dict:
     from ..core.model import task_heads
+    from ..train.block_dropout import BlockDropoutOff
     blocks = found[1]
     one = measure.synthetic_batch(model, 1, seq_len, task)
     layers = measure.layer_specs(model, one, blocks[0])
@@ -156,12 +157,13 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     heads = task_heads(model)
     low_n, high_n = (min(n, len(blocks)) for n in TRAINED_BLOCKS)
     cut, fused = _trainer_rewrites(model, batch)
-    adapters_run = [part for part in (cut, fused) if part is not None]
+    dropout_off = BlockDropoutOff(model)  # `leanfit tune` trains without the blocks' dropout by default
+    adapters_run = [part for part in (cut, fused, dropout_off) if part is not None]
     values = {
         "rows": rows, "blocks": len(blocks), "trained_blocks": [low_n, high_n],
         "block_output_bytes_per_row": _block_output_bytes(model, blocks[-1], one), "layers": layers, "heads": heads,
         "inference": measure.profile_inference(model, batch),  # the whole model, as it serves
-        "trainer_rewrites": [type(part).__name__ for part in adapters_run],
+        "trainer_rewrites": [type(part).__name__ for part in (cut, fused) if part is not None],
     }
     with _applied(adapters_run):  # training with adapters and evaluation, as the trainer runs them
         values.update({
@@ -169,7 +171,13 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
             "train_high": measure.profile_train_step(model, batch, high_n, heads, weights=False),
             "evaluation": measure.profile_evaluation(model, batch, task),
         })
-    with _applied([cut] if cut is not None else []):  # full fine-tuning trains the output layer: no fused loss
+    # what the blocks' dropout adds to each trained block (`--block-dropout`), where the model has any
+    values["dropout_block_s"] = 0.0
+    if dropout_off.modules:
+        with _applied([part for part in (cut, fused) if part is not None]):
+            on = measure.profile_train_step(model, batch, high_n, heads, weights=False)
+        values["dropout_block_s"] = max(0.0, on["step_s"] - values["train_high"]["step_s"]) / high_n
+    with _applied([part for part in (cut, dropout_off) if part is not None]):  # full fine-tuning trains the output layer
         values["full"] = measure.profile_train_step(model, batch, len(blocks), heads, weights=True)
     values.update({
         "reference": _reference(model, batch, high_n, heads, fingerprint, layers, adapters_run),

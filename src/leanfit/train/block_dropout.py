@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..methods.base import AdapterModule
-from .layers import transformer_blocks
+from .layers import Switch, transformer_blocks
 
 
 def _base_dropouts(module: nn.Module) -> list[nn.Dropout]:
@@ -24,7 +24,7 @@ def _base_dropouts(module: nn.Module) -> list[nn.Dropout]:
     return [d for child in module.children() for d in _base_dropouts(child)]
 
 
-class BlockDropoutOff:
+class BlockDropoutOff(Switch):
     """Sets p = 0 on the blocks' own dropout modules while attached (attention modules read `p`
     themselves, so switching the Dropout module to eval mode alone would miss them)."""
 

@@ -39,9 +39,28 @@ def forward_replaced(module: nn.Module) -> bool:
     return "forward" in module.__dict__
 
 
-class ForwardRewrite:
+class Switch:
+    """Something the trainer attaches to a model while it runs and detaches after: `attach`,
+    `detach`, or `with switch.applied():`."""
+
+    def attach(self) -> None:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def applied(self):
+        self.attach()
+        try:
+            yield
+        finally:
+            self.detach()
+
+
+class ForwardRewrite(Switch):
     """An exact rewrite of one module's forward that the trainer attaches while it runs (the final
-    block cut, the fused LM loss): `attach`, `detach`, or `with rewrite.applied():`."""
+    block cut, the fused LM loss)."""
 
     @property
     def module(self) -> nn.Module:
@@ -57,14 +76,6 @@ class ForwardRewrite:
 
     def detach(self) -> None:
         restore_forward(self.module)
-
-    @contextmanager
-    def applied(self):
-        self.attach()
-        try:
-            yield
-        finally:
-            self.detach()
 
 
 def lowest_trainable_block(model: nn.Module) -> int | None:
