@@ -157,13 +157,14 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     heads = task_heads(model)
     low_n, high_n = (min(n, len(blocks)) for n in TRAINED_BLOCKS)
     cut, fused = _trainer_rewrites(model, batch)
+    rewrites = [part for part in (cut, fused) if part is not None]
     dropout_off = BlockDropoutOff(model)  # `leanfit tune` trains without the blocks' dropout by default
-    adapters_run = [part for part in (cut, fused, dropout_off) if part is not None]
+    adapters_run = [*rewrites, dropout_off]
     values = {
         "rows": rows, "blocks": len(blocks), "trained_blocks": [low_n, high_n],
         "block_output_bytes_per_row": _block_output_bytes(model, blocks[-1], one), "layers": layers, "heads": heads,
         "inference": measure.profile_inference(model, batch),  # the whole model, as it serves
-        "trainer_rewrites": [type(part).__name__ for part in (cut, fused) if part is not None],
+        "trainer_rewrites": [type(part).__name__ for part in rewrites],
     }
     with _applied(adapters_run):  # training with adapters and evaluation, as the trainer runs them
         values.update({
@@ -174,7 +175,7 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     # what the blocks' dropout adds to each trained block (`--block-dropout`), where the model has any
     values["dropout_block_s"] = 0.0
     if dropout_off.modules:
-        with _applied([part for part in (cut, fused) if part is not None]):
+        with _applied(rewrites):
             on = measure.profile_train_step(model, batch, high_n, heads, weights=False)
         values["dropout_block_s"] = max(0.0, on["step_s"] - values["train_high"]["step_s"]) / high_n
     with _applied([part for part in (cut, dropout_off) if part is not None]):  # full fine-tuning trains the output layer

@@ -31,6 +31,7 @@ from .metrics import IGNORE_INDEX
 # chunks (42 tokens), 0.52 s in 32 MB chunks and 0.59 s in 64 MB chunks (forward and backward).
 CHUNK_BYTES = 32 << 20
 
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean over labelled tokens of cross_entropy(hidden @ weight.T + bias, targets), gradient with
     respect to `hidden` only (the weight is frozen)."""
