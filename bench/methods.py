@@ -74,8 +74,9 @@ def settings(task: str, args) -> dict:
 def policy(method: str, s: dict) -> dict:
     """The task's lean-training policy; full fine-tuning, the reference, trains every block. The blocks'
     dropout stays on, as when the table was measured (tune turns it off by default since 2026-11-24)."""
-    return dict(train_layers="all", prefix="off", block_dropout=True) if method == "full" else \
-        dict(train_layers=s["train_layers"], prefix=s["prefix"], block_dropout=True)
+    layers = dict(train_layers="all", prefix="off") if method == "full" else \
+        dict(train_layers=s["train_layers"], prefix=s["prefix"])
+    return {**layers, "block_dropout": True}
 
 
 # ---------------------------------------------------------------- worker (one run, its own process)

@@ -178,7 +178,8 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
         with _applied(rewrites):
             on = measure.profile_train_step(model, batch, high_n, heads, weights=False)
         values["dropout_block_s"] = max(0.0, on["step_s"] - values["train_high"]["step_s"]) / high_n
-    with _applied([part for part in (cut, dropout_off) if part is not None]):  # full fine-tuning trains the output layer
+    # full fine-tuning trains the output layer: the final block cut, no fused loss
+    with _applied([*([cut] if cut is not None else []), dropout_off]):
         values["full"] = measure.profile_train_step(model, batch, len(blocks), heads, weights=True)
     values.update({
         "reference": _reference(model, batch, high_n, heads, fingerprint, layers, adapters_run),

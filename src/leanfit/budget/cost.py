@@ -196,8 +196,10 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
     graph_share = depth / in_blocks if in_blocks else 1.0  # LISA: the unsampled blocks run without a graph
     adapters_train = adapter_seconds(work, rates, "train", graph_share)
     adapters_infer = adapter_seconds(work, rates, "inference")
+    # calibrated without the blocks' dropout (tune's default); `--block-dropout` adds its masks per trained block
+    dropout_s = v["dropout_block_s"] if config.block_dropout else 0.0
     if config.method == "full":
-        passes = scale * (v["full"]["step_s"] + (blocks * v["dropout_block_s"] if config.block_dropout else 0.0))
+        passes = scale * (v["full"]["step_s"] + blocks * dropout_s)
     else:
         # the profiled step's parts, rescaled to the median of several such steps (less noise)
         steady = v["reference"]["plain_step_s"] / high["step_s"]
@@ -210,9 +212,7 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
         profiled = v["trained_blocks"][1]  # autograd's start-up and the rest of the profiled step:
         other = high["step_s"] - high["entry_s"] - high["prefix_block_s"] * (blocks - profiled) \
             - high["block_s"] * (profiled - 1) - high["final_block_s"] - high["head_s"]
-        # calibrated without the blocks' dropout (tune's default); `--block-dropout` adds its masks
-        dropout = depth * v["dropout_block_s"] if config.block_dropout else 0.0
-        passes = scale * (steady * (high["entry_s"] + trained_s + recompute + high["head_s"] + dropout
+        passes = scale * (steady * (high["entry_s"] + trained_s + recompute + high["head_s"] + depth * dropout_s
                                     + max(0.0, other)) + frozen * inference["block_s"])
     optimizer = v["optimizer"]["per_param_s"] * params + v["optimizer"]["per_tensor_s"] * len(trainable)
     step = passes + adapters_train + optimizer

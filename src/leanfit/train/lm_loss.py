@@ -46,7 +46,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t, keep = hidden[start:start + chunk], targets[start:start + chunk], labelled[start:start + chunk]
             logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(dtype)
-            picked = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
+            index = t.clamp(min=0)  # ignored rows pick token 0 and are weighted 0
+            picked = logits.gather(1, index.unsqueeze(1)).squeeze(1)
             # log-sum-exp by hand, keeping exp(logits - max) in place: it is the softmax's numerator,
             # so the gradient needs no second exp pass over the chunk
             top = logits.amax(dim=1, keepdim=True)
@@ -56,8 +57,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad is None:
                 continue
             # d loss / d logits = (softmax - one_hot) / count on labelled rows
-            probs = numerators.mul_((keep.to(dtype) / (count * sums)).unsqueeze(1))
-            probs[torch.arange(len(t)), t.clamp(min=0)] -= keep.to(dtype) / count
+            share = keep.to(dtype) / count
+            probs = numerators.mul_((share / sums).unsqueeze(1))
+            probs[torch.arange(len(t)), index] -= share
             grad[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
         if grad is not None:
             ctx.save_for_backward(grad)
