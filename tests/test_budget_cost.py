@@ -185,7 +185,6 @@ def test_the_final_block_is_calibrated_as_the_trainer_runs_it_and_priced_apart(c
     values["dropout_block_s"] = 0.4
     dropout = estimate(config(train_layers=2, block_dropout=True), model, fixed, data=data, cache_dir=cache)
     assert dropout.breakdown["step"]["passes_s"] - top[2] == pytest.approx(scale * 2 * 0.4)
-    assert calibration.values["dropout_block_s"] >= 0  # measured: the BERT has dropout in its blocks (timing noise may hide it)
     assert all(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # and has it still
 
 

@@ -14,7 +14,8 @@ activation memory scale linearly in rows):
   layer), which turn the adapters' traced cost (`AdapterModule.cost`: FLOPs, bytes moved, bytes
   kept) into seconds and resident bytes on this machine;
 - a full fine-tuning step, an evaluation batch, AdamW's seconds per parameter and per tensor,
-  and what a step on memory just handed back to the OS costs (a run's first step);
+  and what a byte of memory fresh from the OS costs to touch (a run's first step faults in its
+  activations);
 - per data set, on first use: a fresh `leanfit tune` process's resident bytes before its first step
   (machine.py, a child process).
 
@@ -40,7 +41,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_bytes
 from . import machine, measure
 
-VERSION = 5  # bumped when what a calibration holds changes
+VERSION = 6  # bumped when what a calibration holds changes
 CALIBRATION_FLOPS = 1.6e11  # matmul FLOPs of one forward at the calibration batch (~2 s on 2 cores)
 TRAINED_BLOCKS = (1, 3)  # the two training steps whose difference gives the per-block peak
 REFERENCE_RANK = 8
@@ -184,6 +185,7 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     values.update({
         "reference": _reference(model, batch, high_n, heads, fingerprint, layers, adapters_run),
         "optimizer": machine.optimizer_rates(), "op_s": machine.op_seconds(),
+        "page_fault_s_per_byte": machine.page_fault_seconds(),
         "model_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
     })
     return values
@@ -275,9 +277,6 @@ def _rates(v: dict, blocks_name: str) -> dict:
     kept_extra = reference["step"]["peak_bytes"] - v["train_high"]["peak_bytes"]
     return {
         "flops_per_s": flop_rate, "op_s": op,
-        # a run's first step faults in its activation memory: the cold step after malloc_trim vs warm
-        "fresh_memory_s_per_byte": max(0.0, v["train_high"]["cold_step_s"] - v["train_high"]["step_s"])
-        / max(v["train_high"]["peak_bytes"], 1),
         "train_s_per_byte": max(0.0, train_extra - train_known) / max(top["forward_bytes"] + top["backward_bytes"], 1),
         "inference_s_per_byte": max(0.0, infer_extra - infer_known) / max(every["forward_bytes"], 1),
         # beyond what adapters keep (counted in full), the allocator's growth during their backward

@@ -229,7 +229,7 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
     validation_s = config.epochs * rows["validation"] * eval_row
     memory = _memory(config, shape, calibration, source, params, len(trainable) and trainable[0][1].element_size(),
                      depth, cached, work["kept_bytes"], work["backward_bytes"] * graph_share, scale)
-    first_step = memory["activations_bytes"] * rates["fresh_memory_s_per_byte"]  # faults in new memory, once
+    first_step = memory["activations_bytes"] * v["page_fault_s_per_byte"]  # faults in new memory, once
     train_s = build_s + steps * step + first_step + validation_s
 
     base_forward = scale * (inference["entry_s"] + blocks * inference["block_s"] + inference["head_s"])

@@ -106,3 +106,23 @@ def op_seconds(count: int = 2000) -> float:
             torch.add(x, x)
 
     return median_time(run, reps=3) / count
+
+
+def page_fault_seconds(nbytes: int = 128 << 20, reps: int = 3) -> float:
+    """Seconds per byte of touching memory fresh from the OS, beyond writing memory already mapped:
+    what a run's first step pays once for its activations (every later step reuses the pages).
+    Measured by filling a new buffer and filling it again; stable to a few percent (a step's own
+    first-step difference is not: it drifts with whatever else the process did before)."""
+    from .measure import trim_heap
+    extra = []
+    for _ in range(reps):
+        trim_heap()
+        start = time.perf_counter()
+        buffer = torch.empty(nbytes // 4)
+        buffer.fill_(1.0)
+        fresh = time.perf_counter() - start
+        start = time.perf_counter()
+        buffer.fill_(2.0)
+        extra.append(fresh - (time.perf_counter() - start))
+        del buffer
+    return max(0.0, sorted(extra)[len(extra) // 2]) / nbytes

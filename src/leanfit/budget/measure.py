@@ -43,13 +43,19 @@ def rss_bytes() -> int | None:
     return _status_bytes("VmRSS")
 
 
+def trim_heap() -> None:
+    """Hand freed heap back to the OS (glibc's malloc_trim), so what comes next is measured from a
+    clean slate."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 class PeakMeter:
     """Peak resident memory above the level at entry, while the block runs (None where the OS
     cannot tell: no /proc, or a peak that cannot be reset)."""
 
     def __enter__(self):
-        if _LIBC is not None:
-            _LIBC.malloc_trim(0)
+        trim_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -222,8 +228,7 @@ def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[
             per_block_saved[block_index] = per_block_saved.get(block_index, 0) + nbytes
         # the median, as a run's step time is reported (the least of a few runs was 10-20% below it)
         times = {key: statistics.median(r[key] for r in steady) for key in first if key != "grad_bytes"}
-        # the first step ran on memory just handed back to the OS (PeakMeter's malloc_trim): page faults
-        return {**times, "cold_step_s": first["step_s"], "peak_bytes": peak.bytes, "grad_bytes": first["grad_bytes"],
+        return {**times, "peak_bytes": peak.bytes, "grad_bytes": first["grad_bytes"],
                 "block_saved_bytes": _mean([per_block_saved.get(i, 0) for i in range(k, len(blocks))]),
                 "other_saved_bytes": per_block_saved.get(-1, 0)}
     finally:
