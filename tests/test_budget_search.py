@@ -224,24 +224,47 @@ def test_a_space_smaller_than_the_trials_stops_after_a_bounded_number_of_proposa
     assert len(statuses) == PROPOSALS_PER_TRIAL * 3 and set(statuses) == {"trained", "duplicate"}
 
 
-def test_tpe_starts_from_the_cheapest_point_of_each_method_and_random_search_does_not(tiny, tmp_path):
+def test_the_initial_design_spreads_over_the_cost_range_with_every_method():
+    """Priced without training: shares grow with rank, target set and blocks; bottleneck dearest."""
+    import math
+    from leanfit.budget.search import Search, SearchSettings, spread_order
+    space = SearchSpace(methods=("lora", "ia3", "bottleneck", "bitfit"), train_layers=(1, 2, 3, "all"),
+                        ranks=(2, 4, 8, 16), lr_min=1e-4, lr_max=1e-2)
+    weight = {"bitfit": 1, "ia3": 1.5, "lora": 4, "bottleneck": 8}
+    settings = SearchSettings(base=TuneConfig(model="minilm", data="bbc-news"), space=space,
+                              budget=parse_budget("params=1%"), trials=12)
+    search = Search(settings, evaluate=None)
+    for point in space.points():
+        blocks = 6 if point["train_layers"] == "all" else point["train_layers"]
+        share = 1e-4 * weight[point["method"]] * point.get("rank", 1) * blocks * (2 if point["targets"] == "all-linear" else 1)
+        search.costs[search._cost_key(point)] = _cost(round(share * 1e7), share, 4 * round(share * 1e7), 1.0)
+    feasible = [math.log(c.trainable_share) for c in search.costs.values() if c.trainable_share <= 0.01]
+    design = search.initial_design()
+    assert len(design) == search.design_count() == 8  # two thirds of 12
+    assert all(p["log10_lr"] == -2.0 for p in design)  # the top of the grid
+    assert len({json.dumps(p, sort_keys=True) for p in design}) == len(design)
+    costs = [math.log(search.costs[search._cost_key(p)].trainable_share) for p in design]
+    assert costs[0] == min(feasible) and costs[1] == max(feasible)  # both ends first, inside the budget
+    assert {p["method"] for p in design} == set(weight)
+    step = (max(feasible) - min(feasible)) / 7
+    gaps = [b - a for a, b in zip(sorted(costs), sorted(costs)[1:])]
+    assert max(gaps) < 2 * step  # no stretch of the cost range left without a point
+    assert spread_order(5) == [0, 4, 2, 1, 3] and sorted(spread_order(13)) == list(range(13))
+
+
+def test_tpe_starts_from_its_design_and_random_search_does_not(tiny, tmp_path):
     out = tmp_path / "design"
-    assert run_cli(search_args(tiny, out, 12, "params=4%", "--finalists", "0")) == 0
+    assert run_cli(search_args(tiny, out, 6, "params=4%", "--finalists", "0")) == 0
     trials = sorted(trials_of(out), key=lambda t: t.number)
     design = [t for t in trials if t.system_attrs.get("fixed_params")]
     assert [t.number for t in design] == list(range(len(design)))  # before any other trial
-    assert 3 <= len(design) <= 6  # each method's two ends (one where they coincide), at most half the 12
+    assert len(design) == 4  # two thirds of the 6
     assert all(t.params["log10_lr"] == -1.0 for t in design)  # the top of --lr-range 1e-3:1e-1
     rows = json.loads((out / "search.json").read_text())["rungs"][0]["trials"]
     share = {r["trial"]: r["cost"]["trainable_share"] for r in rows if r.get("cost")}
-    feasible = {}
-    for r in rows:
-        if r["feasible"]:
-            feasible.setdefault(r["params"]["method"], []).append(share[r["trial"]])
-    ends = {m: (min(v), max(v)) for m, v in feasible.items()}
+    feasible = [share[r["trial"]] for r in rows if r["feasible"]]
     assert {t.params["method"] for t in design} == {"lora", "ia3", "bitfit"}
-    assert all(share[t.number] in ends[t.params["method"]] for t in design)  # no trial was cheaper or dearer
-    assert share[design[0].number] == min(share.values())  # the cheapest first
+    assert share[design[0].number] == min(feasible) and share[design[1].number] == max(feasible)
 
     plain = tmp_path / "random"
     assert run_cli(search_args(tiny, plain, 2, "params=4%", "--finalists", "0", "--sampler", "random")) == 0

@@ -25,7 +25,7 @@ def add_commands(subparsers) -> dict:
     p.add_argument("--sampler-seed", dest="sampler_seed", type=int, default=0)
     p.add_argument("--startup-trials", dest="startup_trials", type=int, help="random trials before TPE models")
     p.add_argument("--no-initial-design", dest="initial_design", action="store_false",
-                   help="do not start from the cheapest configuration of each method (at the top learning rate)")
+                   help="do not start from configurations spread over the cost range (at the top learning rate)")
     run = p.add_argument_group("the run each configuration becomes (as for `leanfit tune`)")
     run.add_argument("--config", help="JSON file of tune options for the full run (model, data, epochs ...)")
     run.add_argument("--model", help="zoo name (minilm, smollm2-135m) or a local Hugging Face model folder")

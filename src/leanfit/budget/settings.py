@@ -47,7 +47,7 @@ class SearchSettings:
     objectives: tuple[str, ...] = ("accuracy", "params")
     sampler: str = "tpe"
     startup_trials: int | None = None
-    # TPE and NSGA-II first train each method's cheapest and dearest point (search.py); random search never
+    # TPE and NSGA-II first train points spread over the cost range (search.py); random search never
     initial_design: bool = True
     seed: int = 0  # of the sampler; training uses base.seed
     search_rows: int | None = 256

@@ -59,14 +59,15 @@ class SearchSpace:
                               "give a positive minimum no larger than the maximum.")
 
     # --- the grid of learning rates ---------------------------------------------------------------
-    def _lr_grid(self) -> tuple[float, float, float]:
+    def lr_grid(self) -> tuple[float, float, float]:
+        """log10 of the lowest and the highest learning rate of the grid, and the step between them."""
         step = 1 / self.lr_steps_per_decade
         low = math.log10(self.lr_min)
         points = math.floor((math.log10(self.lr_max) - low) / step + 1e-9)
         return round(low, 6), round(low + points * step, 6), step
 
     def learning_rates(self) -> list[float]:
-        low, high, step = self._lr_grid()
+        low, high, step = self.lr_grid()
         n = round((high - low) / step)
         return [_lr(low + i * step) for i in range(n + 1)]
 
@@ -79,7 +80,7 @@ class SearchSpace:
                   "targets": trial.suggest_categorical("targets", list(self.targets))}
         if rank_option(method):
             params["rank"] = trial.suggest_categorical("rank", list(self.ranks))
-        low, high, step = self._lr_grid()
+        low, high, step = self.lr_grid()
         if high > low:  # a single rate is not a parameter (Optuna refuses an empty range with a step)
             params["log10_lr"] = trial.suggest_float("log10_lr", low, high, step=step)
         return params
@@ -89,11 +90,11 @@ class SearchSpace:
         method = params["method"]
         return replace(base, method=method, options=method_rank_options(method, params.get("rank")),
                        targets=TARGET_SETS[params["targets"]], train_layers=params["train_layers"],
-                       lr=_lr(params.get("log10_lr", self._lr_grid()[0])))
+                       lr=_lr(params.get("log10_lr", self.lr_grid()[0])))
 
     def points(self) -> list[dict]:
         """Every point with the lowest learning rate (what costs depend on: all but the rate)."""
-        low = self._lr_grid()[0]
+        low = self.lr_grid()[0]
         found = []
         for method in self.methods:
             for layers in self.train_layers:
