@@ -80,7 +80,7 @@ def render(results: dict) -> str:
     rows = results["runs"]
     lines = ["# Foundation results: bbc-news / MiniLM-L6 and austen / SmolLM2-135M", "",
              "Produced by `bench/results.py`: one `leanfit tune` process per row, run one after another on",
-             f"{results['environment']['cpu']} ({results['environment']['threads']} threads, torch "
+             f"{machines(rows, results['environment']['cpu'])} ({results['environment']['threads']} threads, torch "
              f"{results['environment']['torch']}). Seed 0; bbc-news split (de-duplicated, stratified):",
              f"{rows.get('lora', next(iter(rows.values())))['split_sizes']} rows; 128 tokens, batch 32, 3 epochs,",
              "AdamW with linear decay after 6% warm-up. Accuracy is on the held-out test split. Wall time is the",
@@ -119,6 +119,16 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machines(rows: dict, default: str) -> str:
+    """The CPU the rows ran on, naming the rows of each where a subset was re-run on another machine."""
+    by_cpu: dict[str, list[str]] = {}
+    for name, r in rows.items():
+        by_cpu.setdefault(r.get("cpu") or default, []).append(name)
+    if len(by_cpu) == 1:
+        return next(iter(by_cpu))
+    return " and ".join(f"{cpu} ({', '.join(names)})" for cpu, names in by_cpu.items())
+
+
 def _options(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
 
@@ -132,9 +142,12 @@ def run_selected(cases: dict, selected: list[str], stem: str, render, run=run_ca
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{stem}.json"
     results = json.loads(path.read_text()) if path.exists() and selected else {"runs": {}}
+    earlier = results.get("environment", {}).get("cpu")
+    for kept in results["runs"].values():  # rows kept from an earlier run keep that run's machine
+        kept.setdefault("cpu", earlier)
     results["environment"] = environment()
     for name in selected or list(cases):
-        results["runs"][name] = run(name, cases[name])
+        results["runs"][name] = {**run(name, cases[name]), "cpu": results["environment"]["cpu"]}
         results["runs"] = {k: results["runs"][k] for k in cases if k in results["runs"]}
         path.write_text(json.dumps(results, indent=2, default=str) + "\n")
         (OUT / f"{stem}.md").write_text(render(results))
