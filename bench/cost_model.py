@@ -152,15 +152,14 @@ def compare(case: dict, est, est_s: float, rows: dict, runs: list[dict]) -> dict
     step = statistics.median(statistics.median(r["step_times"][1:] or r["step_times"]) for r in runs)
     measured = {"step_seconds": step, "train_seconds": statistics.median(r["train_s"] for r in runs),
                 "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs)}
-    first = runs[0]
     row = {"case": case, "rows": rows, "estimate_s": est_s, "estimate": est.as_dict(), "measured": measured,
            "runs": runs,
            "errors": {"train_peak_bytes": relative(est.train_peak_bytes, measured["peak_rss_bytes"]),
                       "step_seconds": relative(est.step_seconds, step),
                       "train_seconds": relative(est.train_seconds, measured["train_seconds"])},
            "exact": {"trainable_params": all(est.trainable_params == r["trainable_params"] for r in runs),
-                     "adapter_bytes": first["adapter_bytes"] is None or est.adapter_bytes == first["adapter_bytes"]}}
-    if "latency_ratio" in first:
+                     "adapter_bytes": all(r["adapter_bytes"] in (None, est.adapter_bytes) for r in runs)}}
+    if "latency_ratio" in runs[0]:
         ratio = statistics.median(r["latency_ratio"]["ratio"] for r in runs)
         measured["latency_ratio"] = ratio
         row["errors"]["inference_latency_ratio"] = relative(est.inference_latency_ratio, ratio)
@@ -230,14 +229,13 @@ def render(data: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, r in data["results"].items():
         e, m, err = r["estimate"], r["measured"], r["errors"]
-        step = m["step_seconds"]
         rows = r["rows"]
         latency = (f"{e['inference_latency_ratio']:.2f} / {m['latency_ratio']:.2f} "
                    f"({100 * err['inference_latency_ratio']:+.0f}%)" if "latency_ratio" in m else "n/a")
         lines.append(
             f"| {name} | {rows['train']}/{rows['validation']}/{rows['test']} | {r['exact']['trainable_params']} | "
             f"{r['exact']['adapter_bytes']} | {e['train_peak_bytes'] / 2**20:.0f} / {m['peak_rss_bytes'] / 2**20:.0f} "
-            f"({100 * err['train_peak_bytes']:+.0f}%) | {e['step_seconds']:.2f} / {step:.2f} "
+            f"({100 * err['train_peak_bytes']:+.0f}%) | {e['step_seconds']:.2f} / {m['step_seconds']:.2f} "
             f"({100 * err['step_seconds']:+.0f}%) | {e['train_seconds']:.1f} / {m['train_seconds']:.1f} "
             f"({100 * err['train_seconds']:+.0f}%) | {latency} |")
     errors = [abs(v) for r in data["results"].values() for k, v in r["errors"].items() if k != "inference_latency_ratio"]

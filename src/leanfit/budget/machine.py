@@ -8,13 +8,14 @@ tokenising; counting that from first principles is hopeless, reading it off a ch
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 from torch import nn
 
 from ..train.layers import transformer_blocks
-from .measure import _status_bytes, median_time, rss_bytes
+from .measure import _status_bytes, median_time, rss_bytes, trim_heap
 
 
 def process_footprint(source: str | None, config: dict, timeout: float = 900) -> dict:
@@ -113,7 +114,6 @@ def page_fault_seconds(nbytes: int = 128 << 20, reps: int = 3) -> float:
     what a run's first step pays once for its activations (every later step reuses the pages).
     Measured by filling a new buffer and filling it again; stable to a few percent (a step's own
     first-step difference is not: it drifts with whatever else the process did before)."""
-    from .measure import trim_heap
     extra = []
     for _ in range(reps):
         trim_heap()
@@ -125,4 +125,4 @@ def page_fault_seconds(nbytes: int = 128 << 20, reps: int = 3) -> float:
         buffer.fill_(2.0)
         extra.append(fresh - (time.perf_counter() - start))
         del buffer
-    return max(0.0, sorted(extra)[len(extra) // 2]) / nbytes
+    return max(0.0, statistics.median(extra)) / nbytes
