@@ -170,18 +170,32 @@ def test_search_writes_front_report_and_a_best_config_inside_the_budget(tiny, tm
         assert folder.exists() == (row["status"] == "trained")  # over budget: priced, never trained
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Pareto front" in (out / "report.md").read_text()
+    # TPE compares configurations at the top rate; the full run's best then steps down the rate grid
+    # (1e-1, 10^-1.5, 1e-2 ...) while each step beats the best so far
+    assert {r["params"]["log10_lr"] for r in result["rungs"][0]["trials"] if r["params"]} == {-1.0}
+    final, rates = result["rungs"][1], result["rungs"][2]
+    assert rates["fidelity"] == final["fidelity"] + ", lower rates"
+    champion = max(final["trials"], key=lambda r: r["score"])
+    assert [r["params"] for r in rates["trials"]] == [
+        {**champion["params"], "log10_lr": -1.0 - 0.5 * (i + 1)} for i in range(len(rates["trials"]))]
+    scores = [champion["score"]] + [r["score"] for r in rates["trials"]]
+    assert all(b > a for a, b in zip(scores[:-2], scores[1:-1]))  # each step but the last improved
+    assert scores[-1] <= max(scores[:-1]) or len(rates["trials"]) == 4  # the last did not, or the grid ended
     best = result["best"]
-    assert best["rung"] == 1 and best["feasible"] and best["cost"]["trainable_share"] <= 0.04
+    assert best["score"] == max(scores) and best["rung"] in (1, 2)
+    assert best["feasible"] and best["cost"]["trainable_share"] <= 0.04
     config = json.loads((out / "best.json").read_text())
     assert TuneConfig.from_dict(config).max_train_rows is None and config["epochs"] == 2  # the full run
+    assert config["lr"] == pytest.approx(10 ** best["params"]["log10_lr"], rel=1e-2)  # 3 significant digits
 
-    # resume: the same study goes on to 8 trained configurations; the first trials are not run again
+    # resume: the same study goes on to 7 trained configurations (of the 7 inside the budget at the top
+    # rate); the first trials are not run again
     first = {t.number: t.datetime_start for t in trials_of(out)}
-    assert run_cli(search_args(tiny, out, 8)) == 0
+    assert run_cli(search_args(tiny, out, 7)) == 0
     again = trials_of(out)
-    assert sum(t.user_attrs.get("status") in ("trained", "failed") for t in again) == 8
+    assert sum(t.user_attrs.get("status") in ("trained", "failed") for t in again) == 7
     assert all(again[n].datetime_start == started for n, started in first.items())
-    one_sentence(capsys, search_args(tiny, out, 8, "params=3%"), "was started with another budget", "--study-name")
+    one_sentence(capsys, search_args(tiny, out, 7, "params=3%"), "was started with another budget", "--study-name")
 
     # the saved best configuration retrains through `leanfit tune --config`
     assert run_cli(["tune", "--config", out / "best.json", "--output", tmp_path / "retrain", "--no-progress"]) == 0
@@ -266,6 +280,10 @@ def test_tpe_starts_from_its_design_and_random_search_does_not(tiny, tmp_path):
     assert {t.params["method"] for t in design} == {"lora", "ia3", "bitfit"}
     assert share[design[0].number] == min(feasible) and share[design[1].number] == max(feasible)
 
+    assert all(t.params["log10_lr"] == -1.0 for t in trials if t.params)  # TPE's own proposals too
+
     plain = tmp_path / "random"
-    assert run_cli(search_args(tiny, plain, 2, "params=4%", "--finalists", "0", "--sampler", "random")) == 0
-    assert not any(t.system_attrs.get("fixed_params") for t in trials_of(plain))
+    assert run_cli(search_args(tiny, plain, 3, "params=4%", "--finalists", "0", "--sampler", "random")) == 0
+    drawn = trials_of(plain)
+    assert not any(t.system_attrs.get("fixed_params") for t in drawn)
+    assert any(t.params["log10_lr"] < -1.0 for t in drawn)  # random search draws the rate as well

@@ -52,7 +52,8 @@ def collect(search, studies: list, ladder: list, wall_s: float) -> SearchResult:
     for index, study in enumerate(studies):
         rows = [_row(search, index, t) for t in study.get_trials(deepcopy=False)
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("status") != "unused"]
-        rungs.append({"index": index, "fidelity": ladder[index].label(s.base), "trials": rows})
+        label = ladder[index].label(s.base) + (", lower rates" if study.study_name.endswith("/rates") else "")
+        rungs.append({"index": index, "fidelity": label, "trials": rows, "key": ladder[index].key()})
     scored = [r for r in rungs[0]["trials"] if r["score"] is not None and r["status"] == "trained"]
     sign = -1 if search.maximize else 1
     points = [[sign * r["score"], *r["objective_costs"]] for r in scored]
@@ -110,13 +111,18 @@ def _mark_higher_rungs(rungs: list) -> None:
             row["best_rung"], row["best_rung_score"] = reached[_key(row)]
 
 
+def _scored(rung: dict) -> list:
+    return [r for r in rung["trials"] if r["score"] is not None and r["feasible"]]
+
+
 def _best(rungs: list, maximize: bool) -> dict | None:
-    """Best score at the highest rung with results; ties go to fewer trainable parameters."""
-    for rung in reversed(rungs):
-        rows = [r for r in rung["trials"] if r["score"] is not None and r["feasible"]]
-        if rows:
-            return min(rows, key=lambda r: ((-r["score"] if maximize else r["score"]), r["cost"]["trainable_params"]))
-    return None
+    """Best score at the highest fidelity with results (the full run: its finalists and their lower
+    rates); ties go to fewer trainable parameters."""
+    top = next((rung for rung in reversed(rungs) if _scored(rung)), None)
+    if top is None:
+        return None
+    rows = [r for rung in rungs if rung["key"] == top["key"] for r in _scored(rung)]
+    return min(rows, key=lambda r: ((-r["score"] if maximize else r["score"]), r["cost"]["trainable_params"]))
 
 
 # --- files -------------------------------------------------------------------------------------------
@@ -175,10 +181,10 @@ def plot(result: SearchResult, path: str) -> None:
     ax.step([100 * r["cost"]["trainable_share"] for r in fr], [r["score"] for r in fr], where="post",
             color="tab:red", marker="o", label="Pareto front")
     if len(result.rungs) > 1:
-        last = result.rungs[-1]
-        done = [r for r in last["trials"] if r["score"] is not None]
+        full = [rung for rung in result.rungs if rung["key"] == result.rungs[-1]["key"]]
+        done = [r for rung in full for r in rung["trials"] if r["score"] is not None]
         ax.scatter([100 * r["cost"]["trainable_share"] for r in done], [r["score"] for r in done], marker="*",
-                   s=120, color="tab:green", label=f"rung {last['index']} ({last['fidelity']})")
+                   s=120, color="tab:green", label=f"full run ({full[0]['fidelity']})")
     limit = result.budget.get("params")
     if limit and rows:
         share = limit["value"] if limit["share"] else limit["value"] / rows[0]["cost"]["total_params"]

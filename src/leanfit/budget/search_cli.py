@@ -43,7 +43,9 @@ def add_commands(subparsers) -> dict:
     space.add_argument("--train-layers", dest="train_layers", help="top-k block counts and/or all (default 1,2,all)")
     space.add_argument("--targets", help="target sets: all-linear, attention, query-value (default all-linear,attention)")
     space.add_argument("--ranks", help="ranks of methods that have one (default 2,4,8,16)")
-    space.add_argument("--lr-range", dest="lr_range", help="MIN:MAX learning rates, two points per decade (default 1e-4:1e-2)")
+    space.add_argument("--lr-range", dest="lr_range",
+                       help="MIN:MAX learning rates, two points per decade (default 1e-4:1e-2); TPE and NSGA-II "
+                            "compare configurations at MAX, then step the full run's best down the grid")
     fidelity = p.add_argument_group("fidelity (cheap first, the promising ones in full)")
     fidelity.add_argument("--max-train-rows", dest="search_rows", default="256",
                           help="training rows of each search trial (default 256; 'all' for every row)")

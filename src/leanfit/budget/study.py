@@ -45,9 +45,10 @@ def storage_for(url: str):
             time.sleep(0.2 * (attempt + 1))
 
 
-def make_sampler(name: str, seed: int, trials: int, startup_trials: int | None = None):
+def make_sampler(name: str, seed: int, trials: int, startup_trials: int | None = None, fixed: dict | None = None):
     """TPE (multivariate, grouped for the conditional rank, constant liar for parallel workers),
-    NSGA-II, or random search; all honour the budget constraints that trials set."""
+    NSGA-II, or random search; all honour the budget constraints that trials set. `fixed` holds some
+    parameters at a value (Optuna's PartialFixedSampler) while the sampler draws the others."""
     import optuna
     if name not in SAMPLERS:
         raise ConfigError(f"Unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}.")
@@ -55,11 +56,13 @@ def make_sampler(name: str, seed: int, trials: int, startup_trials: int | None =
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
             startup = startup_trials if startup_trials is not None else min(10, max(3, trials // 3))
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
-                                              constant_liar=True)
-        if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, trials // 3)))
-        return optuna.samplers.RandomSampler(seed=seed)
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+                                                 constant_liar=True)
+        elif name == "nsga2":
+            sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, trials // 3)))
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.PartialFixedSampler(fixed, sampler) if fixed else sampler
 
 
 def open_study(storage, name: str, directions: list[str], sampler_factory: Callable[[int], object],
