@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 
@@ -19,6 +18,7 @@ import torch
 
 import leanfit as lf
 from leanfit.data import encode
+from leanfit.memory import peak_rss_bytes
 from leanfit.train import Trainer
 
 TASKS = {
@@ -109,7 +109,7 @@ def run_leanfit(task, dataset, model, tokenizer, policy: dict) -> dict:
 
 def peak_rss_mb() -> float:
     """The process's peak resident set so far (the whole run's is read again after the test evaluation)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2 ** 20  # VmHWM: ru_maxrss would be floored at the parent's peak at the fork
 
 
 def main() -> None:

@@ -4,7 +4,9 @@ For each configuration the parent process asks `leanfit.budget.estimate` (calibr
 once, in a fresh cache, as the first `leanfit plan` on a machine would), then runs the very same
 configuration through `leanfit.tune.run` in a child process of its own and compares:
 - trainable parameters and adapter bytes (must be equal),
-- peak RSS of the child (os.wait4's ru_maxrss: one process per run, as BENCHMARKS.md asks),
+- peak RSS of the child (its own VmHWM at the end: one process per run, as BENCHMARKS.md asks; not
+  wait4's ru_maxrss, which Linux floors at this parent's peak at the fork, and this parent has
+  calibrated both models: it read 1468 MiB for a 1030 MiB run until 2026-11-24),
 - step time (median of the optimizer steps after the first, timed inside the child),
 - fit time (Trainer.fit's wall: prefix cache, steps, per-epoch validation),
 - inference latency ratio: the trained model's eval forward at the run's batch shape, adapter
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def worker(case: dict, out: str, threads: int) -> None:
     torch.set_num_threads(threads)
     import leanfit.tune as tune
     from leanfit import core
+    from leanfit.memory import peak_rss_bytes
     seen = {}
 
     class TimedTrainer(tune.Trainer):
@@ -85,6 +87,7 @@ def worker(case: dict, out: str, threads: int) -> None:
               "split_sizes": report["split_sizes"], "peak_rss_self": report["peak_rss_mb"]}
     if config.method not in tune.BASELINES:
         result["latency_ratio"] = latency_ratio(trainer.model, trainer.data.train, config, core)
+    result["peak_rss_bytes"] = peak_rss_bytes()  # the whole child, the latency probe included
     Path(out).write_text(json.dumps(result))
 
 
@@ -110,19 +113,14 @@ def latency_ratio(model, split: dict, config, core) -> dict:
 
 
 def measure(case: dict, threads: int) -> dict:
-    """Run one case in a child process; its peak RSS comes from wait4 on that child alone."""
+    """Run one case in a child process, which reports its own peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(case), str(out), str(threads)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        stderr = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case), str(out), str(threads)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"worker failed for {case}:\n{stderr[-3000:]}")
-        result = json.loads(out.read_text())
-    result["peak_rss_bytes"] = usage.ru_maxrss * 1024
-    return result
+            raise SystemExit(f"worker failed for {case}:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
 
 
 # -- parent: estimate, measure, compare ---------------------------------------------------------------
@@ -219,7 +217,7 @@ def render(data: dict) -> str:
              f"({env['threads']} threads, torch {env['torch']}). For each configuration `leanfit.budget.estimate` "
              "runs first (each model calibrated once, from an empty cache), then the same configuration runs "
              f"through `leanfit.tune.run` in its own process, {data.get('rounds', 1)} times (every case once per "
-             "round): peak RSS of that process (wait4), median step time after the first step, Trainer.fit wall "
+             "round): peak RSS of that process (its own VmHWM), median step time after the first step, Trainer.fit wall "
              "time, and the trained model's eval forward with the adapter active vs deactivated (7 alternating "
              "repetitions, ratio of medians); each measured figure is the median over the rounds, with the "
              "rounds' own values in the json. Error = (estimate - measured) "

@@ -2,7 +2,8 @@
 probe on bbc-news and tweets-sentiment (MiniLM-L6) and fashion-mnist (EfficientNet-Lite0).
 
 Each (task, method) run is one `leanfit.tune.run` in its own process (`--worker`), so its peak RSS,
-read by this parent with os.wait4, is its own. Results are appended to the JSON after every run, and
+the VmHWM that `leanfit tune` reports, is its own (wait4's ru_maxrss is floored at this parent's peak
+at the fork, and this parent has loaded the task's model). Results are appended to the JSON after every run, and
 a pair already measured with the same settings is skipped (resumable; `--force` re-runs it; pairs
 that failed or could not run are tried again).
 Writes OUT/methods.json, OUT/methods.md and OUT/methods-<task>.png (accuracy vs trainable params).
@@ -162,16 +163,13 @@ def run_in_child(task: str, method: str, s: dict, targets) -> dict:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--worker", task, method, json.dumps(s), json.dumps(targets), str(out)]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    log = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0 or not out.exists():
         return {"task": task, "method": method, "settings": s, "status": "failed",
-                "reason": f"exit {proc.returncode}: {log[-2000:]}"}
+                "reason": f"exit {proc.returncode}: {proc.stdout[-2000:]}"}
     result = json.loads(out.read_text())
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    result["peak_rss_mb"] = result["peak_rss_mb_self"]
     result["process_wall_s"] = time.perf_counter() - started
     return result
 
@@ -218,10 +216,10 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "methods.json"
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-    results["environment"] = environment(args.threads)
-    if args.render:
+    if args.render:  # the page of the runs as measured: their environment is kept
         save(results, out_dir)
         return 0
+    results["environment"] = environment(args.threads)
     for task in tasks:
         s, base = settings(task, args), None
         for method in methods:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from . import core
 from .data import CAUSAL_LM, CLASSIFICATION, IMAGE_CLASSIFICATION, TextDataset, encode, from_files
 from .errors import ConfigError, check_known
 from .io import atomic_write_bytes
+from .memory import peak_rss_bytes
 from .methods import config_from_dict, module_class
 from .core.quantize import quantize_base, quantized_params
 from .train import Trainer, distributed
@@ -249,7 +249,7 @@ def run(config: TuneConfig) -> dict:
         report["adapter"] = str(output / "adapter")
         report["adapter_bytes"] = (output / "adapter" / "adapter.safetensors").stat().st_size
     report["wall_s"] = time.perf_counter() - started
-    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["peak_rss_mb"] = peak_rss_bytes() / 2 ** 20  # MiB, as ru_maxrss / 1024 gave before
     write_report(report, output)
     return report
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..train.layers import transformer_blocks
-from .measure import _status_bytes, median_time, rss_bytes, trim_heap
+from ..memory import rss_bytes, status_bytes
+from .measure import median_time, trim_heap
 
 
 def process_footprint(source: str | None, config: dict, timeout: float = 900) -> dict:
@@ -52,7 +53,7 @@ def _footprint_child(source: str | None, config: dict) -> dict:
         dataset = None
     stages["data"] = rss_bytes()
     if source is None or dataset is None:
-        return {"stages": stages, "peak": _status_bytes("VmHWM")}
+        return {"stages": stages, "peak": status_bytes("VmHWM")}
     from .. import zoo
     labels = len(dataset.labels) if dataset.task == CLASSIFICATION else None
     model, tokenizer = zoo.model(source, task=dataset.task, num_labels=labels, seed=config.seed)
@@ -69,7 +70,7 @@ def _footprint_child(source: str | None, config: dict) -> dict:
     model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
     stages["warm"] = rss_bytes()
-    return {"stages": stages, "peak": _status_bytes("VmHWM")}
+    return {"stages": stages, "peak": status_bytes("VmHWM")}
 
 
 def optimizer_rates(reps: int = 3) -> dict:

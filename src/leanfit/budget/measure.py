@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..data.splits import CAUSAL_LM
+from ..memory import rss_bytes, status_bytes
 from ..train.layers import transformer_blocks
 
 STEADY_REPS = 3  # timed repetitions after a warm-up; their median is kept
@@ -26,21 +27,6 @@ try:
     _LIBC = ctypes.CDLL("libc.so.6")
 except OSError:  # not glibc: freed heap stays counted, peaks read a little high
     _LIBC = None
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int | None:
-    return _status_bytes("VmRSS")
 
 
 def trim_heap() -> None:
@@ -66,7 +52,7 @@ class PeakMeter:
         return self
 
     def __exit__(self, *exc):
-        peak = _status_bytes("VmHWM")
+        peak = status_bytes("VmHWM")
         if self.start is not None and peak is not None:
             self.bytes = max(0, peak - self.start)
         return False

@@ -1,0 +1,38 @@
+"""The process's own resident memory, as the operating system reports it.
+
+The peak is the process's VmHWM, not `getrusage(...).ru_maxrss`: at exec, Linux folds the parent's
+high-water mark at the fork into the child's ru_maxrss (subprocess forks, or vforks, the parent's
+whole address space), so a run started by a large parent (a benchmark that has loaded models, a
+search that has calibrated) reported at least the parent's peak. VmHWM belongs to the process's own
+address space since exec.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (VmRSS, VmHWM ...) in bytes; None without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    return status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since it started (since a reset through /proc/self/clear_refs)."""
+    peak = status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc (macOS: bytes, elsewhere KiB)
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
