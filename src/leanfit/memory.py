@@ -1,10 +1,10 @@
 """The process's own resident memory, as the operating system reports it.
 
-The peak is the process's VmHWM, not `getrusage(...).ru_maxrss`: at exec, Linux folds the parent's
-high-water mark at the fork into the child's ru_maxrss (subprocess forks, or vforks, the parent's
-whole address space), so a run started by a large parent (a benchmark that has loaded models, a
-search that has calibrated) reported at least the parent's peak. VmHWM belongs to the process's own
-address space since exec.
+The peak is the process's VmHWM, not `getrusage(...).ru_maxrss`: at exec, Linux keeps the high-water
+mark of the address space the child leaves, the parent's (subprocess vforks where it can, or a
+fork's copy), in the child's ru_maxrss, so a run started by a large parent (a benchmark that has
+loaded models, a search that has calibrated) reported at least the parent's resident memory. VmHWM
+belongs to the process's own address space since exec.
 """
 
 from __future__ import annotations
