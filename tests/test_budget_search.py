@@ -287,3 +287,33 @@ def test_tpe_starts_from_its_design_and_random_search_does_not(tiny, tmp_path):
     drawn = trials_of(plain)
     assert not any(t.system_attrs.get("fixed_params") for t in drawn)
     assert any(t.params["log10_lr"] < -1.0 for t in drawn)  # random search draws the rate as well
+
+
+def test_a_causal_lm_search_minimises_perplexity_and_steps_the_rate_down(tiny, tmp_path):
+    import shutil
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    model = tmp_path / "lm"
+    shutil.copytree(tiny / "model", model)
+    for name in ("config.json", "model.safetensors"):
+        (model / name).unlink()
+    torch.manual_seed(0)
+    vocab = len(PreTrainedTokenizerFast.from_pretrained(model))
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                 num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(model)
+    story = tmp_path / "story.txt"
+    story.write_text("\n\n".join(f"{WORDS['sport']} {i % 40} {WORDS['money']}" for i in range(200)))
+    out = tmp_path / "search"
+    assert run_cli(["search", "--model", model, "--data", story, "--task", "causal-lm", "--budget", "params=30%",
+                    "--trials", 3, "--epochs", 1, "--max-length", 12, "--batch-size", 8, "--methods", "lora,ia3",
+                    "--train-layers", "1,all", "--ranks", "2", "--lr-range", "1e-2:1e-1", "--max-train-rows", 16,
+                    "--search-epochs", 1, "--eta", 100, "--finalists", 1, "--no-progress", "--output", out]) == 0
+    result = json.loads((out / "search.json").read_text())
+    assert result["metric"] == "perplexity" and not result["maximize"]
+    final, rates = result["rungs"][1], result["rungs"][2]
+    champion = min(final["trials"], key=lambda r: r["score"])
+    assert rates["trials"][0]["params"] == {**champion["params"], "log10_lr": -1.5}  # one step below the top
+    scores = [champion["score"]] + [r["score"] for r in rates["trials"]]
+    assert all(b < a for a, b in zip(scores[:-2], scores[1:-1]))  # lower perplexity at every step but the last
+    assert scores[-1] >= min(scores[:-1]) or len(rates["trials"]) == 2
+    assert result["best"]["score"] == min(scores)
