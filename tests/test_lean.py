@@ -175,3 +175,13 @@ def test_bad_policy_options_say_what_is_wrong():
         Trainer(adapted(tiny_bert), splits(CLASSIFICATION), prefix="always", progress=False).fit()
     with pytest.raises(lf.errors.ConfigError, match="LISA layers"):
         Trainer(adapted(tiny_bert), splits(CLASSIFICATION), lisa_layers=9, progress=False).fit()
+
+
+def test_the_trainer_hands_freed_heap_back_before_its_first_step(monkeypatch):
+    import leanfit.train.trainer as trainer_module
+    events = []
+    monkeypatch.setattr(trainer_module, "trim_heap", lambda: events.append("trim"))
+    step = Trainer._optimizer_step
+    monkeypatch.setattr(Trainer, "_optimizer_step", lambda self, group: (events.append("step"), step(self, group))[1])
+    run(adapted(tiny_bert), splits(CLASSIFICATION))
+    assert events[0] == "trim" and events.count("trim") == 1 and events.count("step") == 10  # 2 epochs x 5 batches

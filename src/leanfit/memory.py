@@ -9,8 +9,14 @@ belongs to the process's own address space since exec.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: freed heap stays counted, peaks read a little high
+    _LIBC = None
 
 
 def status_bytes(field: str) -> int | None:
@@ -27,6 +33,14 @@ def status_bytes(field: str) -> int | None:
 
 def rss_bytes() -> int | None:
     return status_bytes("VmRSS")
+
+
+def trim_heap() -> None:
+    """Hand freed heap back to the OS (glibc's malloc_trim). The tensors of a training step do not
+    reuse the heap that loading and tokenising freed: on MiniLM, trimming it before the first step
+    took 120 MiB off the run's peak (2026-11-24)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def peak_rss_bytes() -> int:

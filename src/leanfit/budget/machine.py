@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..train.layers import transformer_blocks
-from ..memory import rss_bytes, status_bytes
-from .measure import median_time, trim_heap
+from ..memory import rss_bytes, status_bytes, trim_heap
+from .measure import median_time
 
 
 def process_footprint(source: str | None, config: dict, timeout: float = 900) -> dict:
@@ -61,6 +61,7 @@ def _footprint_child(source: str | None, config: dict) -> dict:
     stages["model"] = rss_bytes()
     tensors = encode(dataset, tokenizer, max_length=config.max_length)
     stages["encoded"] = rss_bytes()
+    trim_heap()  # as Trainer.fit does before its first step
     batch = {k: v[:1] for k, v in tensors.train.items()}
     model.requires_grad_(False)
     model.train()

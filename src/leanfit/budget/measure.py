@@ -9,7 +9,6 @@ live tensors. Timings are medians of a few repetitions after a warm-up.
 
 from __future__ import annotations
 
-import ctypes
 import statistics
 import time
 from contextlib import contextmanager
@@ -18,23 +17,12 @@ import torch
 from torch import nn
 
 from ..data.splits import CAUSAL_LM
-from ..memory import rss_bytes, status_bytes
+from ..memory import rss_bytes, status_bytes, trim_heap
 from ..train.layers import transformer_blocks
 
 STEADY_REPS = 3  # timed repetitions after a warm-up; their median is kept
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: freed heap stays counted, peaks read a little high
-    _LIBC = None
-
-
-def trim_heap() -> None:
-    """Hand freed heap back to the OS (glibc's malloc_trim), so what comes next is measured from a
-    clean slate."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
+PEAK_REPS = 3  # a step's peak memory, read this many times (untimed); their median is kept: on MiniLM
+# one reading varied by up to 30% from step to step, and a per-block figure extrapolated to every block
 
 class PeakMeter:
     """Peak resident memory above the level at entry, while the block runs (None where the OS
@@ -204,8 +192,13 @@ def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[
         stamps = _Stamps(blocks, entry, k if trained else None)
         try:
             _step(model, batch)  # warm-up, outside the meters
-            with PeakMeter() as peak, _saved_bytes_per_block(model, blocks) as saved:
+            with _saved_bytes_per_block(model, blocks) as saved:
                 first = _timed_step(model, batch, stamps, k)
+            peaks = []
+            for _ in range(PEAK_REPS):  # on their own steps: trimming the heap before a step slows it
+                with PeakMeter() as peak:
+                    _step(model, batch)
+                peaks.append(peak.bytes)
             steady = [_timed_step(model, batch, stamps, k) for _ in range(STEADY_REPS)]
         finally:
             stamps.remove()
@@ -214,7 +207,8 @@ def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[
             per_block_saved[block_index] = per_block_saved.get(block_index, 0) + nbytes
         # the median, as a run's step time is reported (the least of a few runs was 10-20% below it)
         times = {key: statistics.median(r[key] for r in steady) for key in first if key != "grad_bytes"}
-        return {**times, "peak_bytes": peak.bytes, "grad_bytes": first["grad_bytes"],
+        peak_bytes = None if None in peaks else statistics.median(peaks)
+        return {**times, "peak_bytes": peak_bytes, "grad_bytes": first["grad_bytes"],
                 "block_saved_bytes": _mean([per_block_saved.get(i, 0) for i in range(k, len(blocks))]),
                 "other_saved_bytes": per_block_saved.get(-1, 0)}
     finally:

@@ -18,6 +18,7 @@ import torch
 
 from leanfit.data.splits import CLASSIFICATION, TensorSplits
 from leanfit.errors import ConfigError, DataError, TrainingError, check_known
+from leanfit.memory import trim_heap
 from leanfit.train.checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_state,
                                       save_checkpoint)
 from leanfit.train.metrics import MetricsLog, batch_at, evaluate_split, split_size
@@ -178,6 +179,7 @@ class Trainer:
         st = self.state
         self.model.train()
         self.policy.train_mode()
+        trim_heap()  # what loading and tokenising freed: the steps' tensors would not reuse it
         with self.policy.active(), TrainProgress(self.total_steps, st.step, cfg.progress, cfg.epochs) as bar:
             while st.epoch < cfg.epochs and st.step < self.total_steps and not st.stopped_early:
                 self._train_epoch(bar)
