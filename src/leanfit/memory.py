@@ -1,4 +1,4 @@
-"""The process's own resident memory, as the operating system reports it.
+"""The process's own resident memory, as the operating system reports it, and handing freed heap back.
 
 The peak is the process's VmHWM, not `getrusage(...).ru_maxrss`: at exec, Linux keeps the high-water
 mark of the address space the child leaves, the parent's (subprocess vforks where it can, or a

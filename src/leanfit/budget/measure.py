@@ -24,6 +24,7 @@ STEADY_REPS = 3  # timed repetitions after a warm-up; their median is kept
 PEAK_REPS = 3  # a step's peak memory, read this many times (untimed); their median is kept: on MiniLM
 # one reading varied by up to 30% from step to step, and a per-block figure extrapolated to every block
 
+
 class PeakMeter:
     """Peak resident memory above the level at entry, while the block runs (None where the OS
     cannot tell: no /proc, or a peak that cannot be reset)."""
