@@ -20,6 +20,7 @@ from ..io import atomic_save, atomic_write_bytes
 from .budget import format_value
 from .pareto import front
 from .space import describe
+from .study import RATES_SUFFIX
 
 CSV_COLUMNS = ("rung", "trial", "configuration", "method", "targets", "train_layers", "rank", "lr", "status",
                "score", "best_rung", "best_rung_score", "trainable_params", "trainable_share_pct", "adapter_bytes",
@@ -52,7 +53,7 @@ def collect(search, studies: list, ladder: list, wall_s: float) -> SearchResult:
     for index, study in enumerate(studies):
         rows = [_row(search, index, t) for t in study.get_trials(deepcopy=False)
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("status") != "unused"]
-        label = ladder[index].label(s.base) + (", lower rates" if study.study_name.endswith("/rates") else "")
+        label = ladder[index].label(s.base) + (", lower rates" if study.study_name.endswith(RATES_SUFFIX) else "")
         rungs.append({"index": index, "fidelity": label, "trials": rows, "key": ladder[index].key()})
     scored = [r for r in rungs[0]["trials"] if r["score"] is not None and r["status"] == "trained"]
     sign = -1 if search.maximize else 1

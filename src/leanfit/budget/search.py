@@ -38,7 +38,7 @@ from ..errors import ConfigError, LeanfitError
 from .pareto import promotion_order
 from .settings import COST_OBJECTIVES, Fidelity, SearchSettings
 from .space import describe
-from .study import make_sampler, open_study, storage_for, work
+from .study import RATES_SUFFIX, make_sampler, open_study, storage_for, work
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (several may share a study)
 DESIGN_SHARE = 2 / 3  # of a study's trials, taken by the initial design (on bbc-news, 2026-11-24, a third
@@ -227,7 +227,7 @@ class Search:
         """Train the best configuration of the full run at the next lower rate of the grid, and the
         next, while each beats the best so far; the rates of the full run are searched here. Resumable
         like the rungs: each step is queued in its own study before it trains."""
-        study = open_study(storage, f"{self.s.study_name}/rates", self.directions(), self._sampler_factory(index),
+        study = open_study(storage, f"{self.s.study_name}{RATES_SUFFIX}", self.directions(), self._sampler_factory(index),
                            self.s.seed, {"rung_of": self.s.study_name})
         done = _distinct_complete(finals)
         if not done:
@@ -259,7 +259,6 @@ class Search:
         (bbc-news, 2026-11-24: 53 of 58 runs below it ended under 0.50 validation accuracy, the 22 at
         it 0.62-0.92; see `fixed_rate`)."""
         cost_of = COST_OBJECTIVES[self.s.objectives[1]] if len(self.s.objectives) > 1 else "trainable_params"
-        low, high, _ = self.s.space.lr_grid()
         priced = []
         for point in self.s.space.points():
             cost = self.cost(point)
@@ -279,11 +278,9 @@ class Search:
                              if p not in design), key=lambda item: item[0])
             design.append(chosen)
             uses[chosen["method"]] = uses.get(chosen["method"], 0) + 1
-        params = [{k: v for k, v in p.items() if k != "log10_lr"} for p in design]
-        if high > low:  # as SearchSpace.suggest: a single rate is not a parameter
-            for p in params:
-                p["log10_lr"] = high
-        return params
+        points = [{k: v for k, v in p.items() if k != "log10_lr"} for p in design]
+        rate = self.fixed_rate()  # None for a single rate: as SearchSpace.suggest, then not a parameter
+        return points if rate is None else [{**p, "log10_lr": rate} for p in points]
 
     def design_count(self) -> int:
         """Trials the initial design takes: two thirds of the study's, leaving the rest to the sampler."""

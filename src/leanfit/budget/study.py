@@ -22,6 +22,7 @@ SAMPLERS = ("tpe", "nsga2", "random")
 FINISHED = ("COMPLETE", "PRUNED")
 TRAINED = ("trained", "failed")  # trial statuses that cost a training run; the others count for nothing
 PROPOSALS_PER_TRIAL = 5  # a space nearly exhausted or nearly all over budget stops after this many proposals each
+RATES_SUFFIX = "/rates"  # the study of a search's rate descent: "<study name>/rates"
 
 
 def storage_for(url: str):
