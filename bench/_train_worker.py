@@ -1,7 +1,8 @@
 """One training run for bench/train_speed.py, in its own process so its peak RSS is its own.
 
-    python bench/_train_worker.py CONTENDER TASK OUT.json
-CONTENDER: peft (Hugging Face PEFT LoRA, a plain PyTorch loop as in shared/anchors/peft_bbc_news.py)
+    python bench/_train_worker.py CONTENDER TASK OUT.json [POLICY-JSON]
+CONTENDER: peft (Hugging Face PEFT LoRA, a plain PyTorch loop as in shared/anchors/peft_bbc_news.py;
+           POLICY {"precision": "bf16"}: its forwards under torch.autocast bfloat16, as HF Trainer's bf16=True)
            | leanfit (leanfit tune's default policy) | leanfit-all (leanfit, LoRA on every layer, no policy)
 TASK: bbc (MiniLM, bbc-news) | austen (SmolLM2-135M, Austen subset)
 Both contenders get the same tokenised rows (leanfit's split), model, batch, length, epochs and seed.
@@ -49,8 +50,9 @@ def subset(data, task):
     return data
 
 
-def run_peft(task, dataset, model, tokenizer) -> dict:
+def run_peft(task, dataset, model, tokenizer, policy: dict) -> dict:
     from peft import LoraConfig, get_peft_model
+    low = policy.get("precision") == "bf16"
     started = time.perf_counter()
     data = subset(encode(dataset, tokenizer, max_length=task["max_length"]), task)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=task["peft_targets"],
@@ -65,7 +67,8 @@ def run_peft(task, dataset, model, tokenizer) -> dict:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         for i in range(0, n, task["batch_size"]):
             idx = order[i: i + task["batch_size"]]
-            loss = model(**{k: v[idx] for k, v in x.items()}).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):  # as HF Trainer's bf16=True
+                loss = model(**{k: v[idx] for k, v in x.items()}).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -95,6 +98,7 @@ def run_leanfit(task, dataset, model, tokenizer, policy: dict) -> dict:
     trainer = Trainer(model, data, epochs=task["epochs"], batch_size=task["batch_size"], lr=policy["lr"] or 5e-4,
                       schedule=policy.get("schedule", "linear"), prefix=policy.get("prefix", "off"),
                       block_dropout=policy.get("block_dropout", False),  # as leanfit tune
+                      precision=policy.get("precision", "fp32"),
                       progress=False, on_step=on_step)
     trainer.fit()
     train_s = time.perf_counter() - started
@@ -121,7 +125,7 @@ def main() -> None:
     dataset, model, tokenizer = load(task)
     torch.manual_seed(0)
     if contender == "peft":
-        result = run_peft(task, dataset, model, tokenizer)
+        result = run_peft(task, dataset, model, tokenizer, policy)
     else:
         result = run_leanfit(task, dataset, model, tokenizer, policy)
     result.update(contender=contender, task=task_name, threads=torch.get_num_threads(),

@@ -72,8 +72,9 @@ def run_case(name: str, args: list[str]) -> dict:
 def environment() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
+    from leanfit.train.precision import native_bf16
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "native_bf16": native_bf16(torch.device("cpu"))}
 
 
 def render(results: dict) -> str:

@@ -28,19 +28,24 @@ OUT = ROOT / "docs" / "benchmarks"
 # measured beside it (see docs/lean-training.md).
 POLICIES = {
     "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False},
+            "leanfit-bf16": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False,
+                             "precision": "bf16"},
             "leanfit-top1": {"train_layers": 1, "prefix": "cache", "lr": 2e-3, "block_dropout": False},
             "leanfit-block-dropout": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": True}},
-    # On a causal LM the default adapts every block (the top third cost perplexity: docs/lean-training.md);
-    # top 15 at lr 2e-3 is the fastest policy measured near it.
+    # On a causal LM the default adapts every block (the top third cost perplexity: docs/lean-training.md).
     "austen": {"leanfit": {"train_layers": None, "prefix": "off", "lr": 2e-3},
-               "leanfit-top15": {"train_layers": 15, "prefix": "cache", "lr": 2e-3}},
+               "leanfit-bf16": {"train_layers": None, "prefix": "off", "lr": 2e-3, "precision": "bf16"},
+               "leanfit-bf16-top25": {"train_layers": 25, "prefix": "cache", "lr": 2e-3, "precision": "bf16"}},
 }
+# The references: peft as its examples train (float32), and peft with its forwards under bfloat16 autocast
+# (what HF Trainer's bf16=True does), so that what leanfit gains beyond bfloat16 itself is seen.
+REFERENCES = {"peft": {}, "peft-bf16": {"precision": "bf16"}}
 
 
 def run(contender: str, task: str, policy: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        worker = "peft" if contender == "peft" else "leanfit"
+        worker = "peft" if contender in REFERENCES else "leanfit"
         cmd = [sys.executable, str(ROOT / "bench" / "_train_worker.py"), worker, task, str(out), json.dumps(policy)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -68,7 +73,8 @@ def summary(runs: list[dict]) -> dict:
 def render(results: dict) -> str:
     env = results["environment"]
     lines = ["# Lean training: leanfit against Hugging Face PEFT", "",
-             f"Produced by `bench/train_speed.py` on {env['cpu']} ({env['threads']} threads, torch {env['torch']}, "
+             f"Produced by `bench/train_speed.py` on {env['cpu']} ({env['threads']} threads"
+             f"{', native bfloat16 arithmetic' if env.get('native_bf16') else ''}, torch {env['torch']}, "
              f"peft {results.get('peft_version')}). Each contender runs in its own process, alternating, "
              "for the rounds stated per task; medians with min-max. Training time includes tokenising, adapter "
              "set-up, the prefix cache and the loop (leanfit's includes its per-epoch validation where the task "
@@ -93,12 +99,16 @@ def render(results: dict) -> str:
         lines.append("")
         for name, lean in s.items():
             if name != "peft":
+                low = (block["policies"].get(name) or {}).get("precision") == "bf16" and "peft-bf16" in s
+                against_low = (f"; against peft-bf16: tokens/s "
+                               f"{lean['tokens_per_s']['median'] / s['peft-bf16']['tokens_per_s']['median']:.2f}x"
+                               if low and name != "peft-bf16" else "")
                 lines.append(f"- {name} / peft: training time {lean['train_s']['median'] / peft['train_s']['median']:.2f}x, "
                              f"tokens/s {lean['tokens_per_s']['median'] / peft['tokens_per_s']['median']:.2f}x, "
                              f"peak RSS {lean['peak_rss_mb']['median'] / peft['peak_rss_mb']['median']:.2f}x"
                              + (f" (at the end of training {lean['train_peak_rss_mb']['median'] / peft['train_peak_rss_mb']['median']:.2f}x)"
                                 if lean.get("train_peak_rss_mb") and peft.get("train_peak_rss_mb") else "") + "; "
-                             f"{_verdict(metric, lean, peft)}.")
+                             f"{_verdict(metric, lean, peft)}{against_low}.")
         lines.append("")
     if results.get("notes"):  # what happened during the run that a reader must know (added by hand)
         lines += ["## Notes", "", *[f"- {n}" for n in results["notes"]], ""]
@@ -124,11 +134,12 @@ def _verdict(metric: str, lean: dict, peft: dict) -> str:
 
 
 def _policy(p):
-    if not p:
-        return "LoRA r=8 on every linear layer, lr 5e-4 constant"
+    low = ", bf16" if (p or {}).get("precision") == "bf16" else ""
+    if not p or "lr" not in p:
+        return f"LoRA r=8 on every linear layer, lr 5e-4 constant{low and ', bf16 autocast'}"
     layers = f"top {p['train_layers']} blocks" if p.get("train_layers") else "every block"
     dropout = {False: ", blocks' dropout off", True: ", blocks' dropout on"}.get(p.get("block_dropout"), "")
-    return f"LoRA r=8, {layers}, prefix {p.get('prefix', 'off')}{dropout}, lr {p['lr']:g} linear decay"
+    return f"LoRA r=8, {layers}, prefix {p.get('prefix', 'off')}{dropout}{low}, lr {p['lr']:g} linear decay"
 
 
 TITLES = {
@@ -151,7 +162,7 @@ def main(argv: list[str]) -> None:
         block.setdefault("reps", results.get("reps", reps))
     results.update(environment=environment(), reps=reps, peft_version=peft.__version__)
     for task in tasks:
-        contenders = {"peft": {}, **POLICIES[task]}
+        contenders = {**REFERENCES, **POLICIES[task]}
         runs = {name: [] for name in contenders}
         for _ in range(reps):
             for name, policy in contenders.items():

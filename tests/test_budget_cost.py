@@ -280,7 +280,9 @@ def plan_args(root, *extra):
 
 def test_plan_prints_a_table_and_json_before_any_training(local_run, capsys):
     assert main([str(a) for a in plan_args(local_run, "--train-layers", "1")]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "Note:" not in captured.err  # float32 steps: what the cost model prices
     for row in ("trainable parameters", "adapter file", "peak memory", "training step", "training run",
                 "inference latency"):
         assert row in out
@@ -290,12 +292,18 @@ def test_plan_prints_a_table_and_json_before_any_training(local_run, capsys):
     assert f"{planned['trainable_params']:,}" in out
     assert not (local_run / "out").exists()  # nothing trained, nothing written but the calibration
     assert list((local_run / "calibration").glob("*.json"))
+    # bf16 steps are not priced: said on stderr, the JSON on stdout stays whole
+    assert main([str(a) for a in plan_args(local_run, "--train-layers", "1", "--json", "--precision", "bf16")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["config"]["precision"] == "bf16"
+    assert "calibrated for float32 steps" in captured.err and "--precision bf16" in captured.err
 
 
 def test_plan_bad_options_print_one_sentence_and_exit_2(local_run, capsys):
     for argv, fragment in ((["plan", "--rank", "x"], "--rank"),
                            ([*plan_args(local_run, "--train-layers", "99")], "train_layers must be between 1 and 4"),
-                           ([*plan_args(local_run, "--method", "lorax")], "Unknown method 'lorax'")):
+                           ([*plan_args(local_run, "--method", "lorax")], "Unknown method 'lorax'"),
+                           ([*plan_args(local_run, "--precision", "fp16")], "--precision")):
         assert main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("leanfit: ") and fragment in err and "Traceback" not in err

@@ -87,3 +87,23 @@ def test_evaluation_inside_the_trainer_gets_the_same_perplexity_without_logits()
     whole = evaluate_split(model, causal_lm_data().test, CAUSAL_LM, 4)  # outside the trainer: logits
     assert calls and abs(fused["loss"] - whole["loss"]) < 1e-5
     assert abs(fused["perplexity"] - whole["perplexity"]) < 1e-4 * whole["perplexity"]
+
+
+def test_under_bf16_autocast_the_fused_loss_is_cross_entropy_on_bfloat16_logits_upcast():
+    """As a Hugging Face model's loss under autocast: logits made in bfloat16, the loss taken in float32;
+    the weight is cast once for all chunks, the gradient comes back float32."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(30, 16, generator=g)
+    weight = torch.randn(50, 16, generator=g)
+    targets = torch.randint(0, 50, (30,), generator=g)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(F.linear(h1, weight).float(), targets)
+        got = linear_cross_entropy(h2, weight, None, targets)
+    expected.backward()
+    got.backward()
+    assert got.dtype == torch.float32 and h2.grad.dtype == torch.float32
+    assert torch.allclose(got, expected, rtol=1e-6)
+    assert torch.allclose(h2.grad, h1.grad, rtol=2e-2, atol=1e-4)  # the gradient's product is bfloat16 in both
+    full = linear_cross_entropy(hidden, weight, None, targets)
+    assert not torch.equal(got.detach(), full)  # it did compute in bfloat16

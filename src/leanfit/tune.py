@@ -84,6 +84,9 @@ class TuneConfig:
     # The base's dropout inside the blocks: off by default (faster on CPU, same accuracy measured in
     # docs/lean-training.md); True keeps it, as Hugging Face's training does.
     block_dropout: bool = False
+    # "bf16": training steps' matrix products in bfloat16 (train/precision.py); "auto": bf16 where the
+    # hardware has native bfloat16; "fp32" (default, what `leanfit plan`'s cost model is calibrated for).
+    precision: str = "fp32"
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneConfig":
@@ -211,7 +214,8 @@ def run(config: TuneConfig) -> dict:
                       resume=config.resume, early_stopping_patience=config.early_stopping_patience,
                       metrics_path=str(output / "metrics.jsonl"), prefix=config.prefix,
                       lisa_layers=config.lisa_layers, lisa_period=config.lisa_period,
-                      gradient_checkpointing=config.gradient_checkpointing, block_dropout=config.block_dropout)
+                      gradient_checkpointing=config.gradient_checkpointing, block_dropout=config.block_dropout,
+                      precision=config.precision)
     before = trainer.evaluate("test") if dataset.task == CAUSAL_LM else None
     if config.method not in BASELINES and not config.resume:
         first = {k: v[: config.batch_size] for k, v in tensors.train.items()}

@@ -61,6 +61,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     lean.add_argument("--block-dropout", dest="block_dropout", action=argparse.BooleanOptionalAction, default=None,
                       help="keep the base model's dropout inside its blocks while training (off by default: "
                            "faster on CPU at the same accuracy; see docs/lean-training.md)")
+    lean.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                      help="training steps' matrix products: fp32 (default), bf16 (bfloat16 autocast; weights, "
+                           "adapters and evaluation stay float32), auto (bf16 where the hardware has it natively)")
     lean.add_argument("--int8-base", dest="int8_base", action="store_true", default=None,
                       help="store the frozen base's linear weights in int8")
 
@@ -95,7 +98,7 @@ def tune_config(args: argparse.Namespace):
         "model", "data", "task", "text_column", "label_column", "method", "epochs", "lr", "batch_size",
         "max_length", "max_train_rows", "max_eval_rows", "seed", "output", "checkpoint_every", "resume",
         "early_stopping_patience", "progress", "train_layers", "prefix", "lisa_layers", "lisa_period",
-        "gradient_checkpointing", "int8_base", "block_dropout"))
+        "gradient_checkpointing", "int8_base", "block_dropout", "precision"))
     if args.targets:
         config.targets = args.targets if args.targets == "all-linear" or not args.targets.replace(",", "").replace(
             "_", "").replace(".", "").isalnum() else args.targets.split(",")

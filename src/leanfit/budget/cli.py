@@ -35,6 +35,10 @@ def _plan(args) -> int:
         print(json.dumps({"config": _config_dict(config), **result.as_dict()}, indent=2, default=str))
     else:
         _print_table(config, result)
+    if config.precision != "fp32":  # said on stderr, so that --json output stays one JSON document
+        print("Note: the step time, run time and memory above are calibrated for float32 steps; the cost model "
+              f"does not price --precision {config.precision} yet (bf16 steps run faster: docs/lean-training.md).",
+              file=sys.stderr)
     return 0
 
 

@@ -76,6 +76,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     """Mean cross-entropy of the logits `hidden @ weight.T + bias` against `targets` (IGNORE_INDEX skipped),
     with `hidden` (tokens x d) and `targets` (tokens,), never holding all the logits at once."""
     chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):  # cast the weight once, not in every chunk's two products
+        low = torch.get_autocast_dtype(device)
+        weight, bias = weight.to(low), None if bias is None else bias.to(low)
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
 
 

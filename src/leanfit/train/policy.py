@@ -19,6 +19,7 @@ from .head_rows import HeadRows
 from .layers import LISA
 from .lm_loss import FusedLMLoss
 from .prefix_cache import PrefixCache
+from .precision import autocast
 
 PREFIX_MODES = ("off", "eval", "cache")
 
@@ -26,7 +27,8 @@ PREFIX_MODES = ("off", "eval", "cache")
 class LeanPolicy:
     def __init__(self, model: nn.Module, prefix: str = "off", lisa_layers: int | None = None,
                  lisa_period: int = 20, gradient_checkpointing: bool = False, seed: int = 0,
-                 head_rows: bool = True, block_dropout: bool = True, fused_loss: bool = True):
+                 head_rows: bool = True, block_dropout: bool = True, fused_loss: bool = True,
+                 precision: str = "fp32"):
         if prefix not in PREFIX_MODES:
             raise ConfigError(f"prefix must be one of {', '.join(PREFIX_MODES)}, got {prefix!r}.")
         self.model, self.prefix = model, prefix
@@ -38,7 +40,8 @@ class LeanPolicy:
         self.cache: PrefixCache | None = None
         self.plan = None
         self._depth = 0
-        self.info: dict = {"prefix": prefix, "block_dropout": block_dropout}
+        self.precision = precision
+        self.info: dict = {"prefix": prefix, "block_dropout": block_dropout, "precision": precision}
 
     def start(self, data, eval_batch_size: int, spill_dir: str | None = None) -> None:
         """Decide the frozen prefix and, in cache mode, compute it for every split once."""
@@ -73,7 +76,9 @@ class LeanPolicy:
         attached = self.cache.attached
         if attached:
             self.cache.detach()
-        self.cache.build({split: self._splits[split]}, *self._build_args)
+        # The train split's prefix stands for the lower part of training forwards: same precision as they.
+        with autocast(self.precision if split == "train" else "fp32", next(self.model.parameters()).device):
+            self.cache.build({split: self._splits[split]}, *self._build_args)
         if attached:
             self.cache.attach()
         self.info["cache_bytes"] = self.cache.nbytes()

@@ -25,6 +25,7 @@ from leanfit.train.metrics import MetricsLog, batch_at, evaluate_split, split_si
 from leanfit.train import distributed
 from leanfit.train.controllers import build_controllers
 from leanfit.train.policy import LeanPolicy
+from leanfit.train.precision import PRECISIONS, MixedPrecision, resolve
 from leanfit.train.progress import TrainProgress
 from leanfit.train.schedule import SCHEDULES, make_scheduler
 
@@ -64,6 +65,9 @@ class TrainConfig:
     fused_loss: bool = True
     # False: no dropout inside the base model's blocks while training (train/block_dropout.py).
     block_dropout: bool = True
+    # "bf16": training forwards under bfloat16 autocast (train/precision.py); "auto": bf16 where the
+    # device has native bfloat16 arithmetic; "fp32": none.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         checks = [
@@ -74,6 +78,7 @@ class TrainConfig:
              "weight_decay, checkpoint_every and max_grad_norm must not be negative"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (all(v is None or v >= 1 for v in (self.early_stopping_patience, self.max_steps)),
              "early_stopping_patience and max_steps must be at least 1, or None to turn them off"),
             (not self.resume or self.checkpoint_dir is not None, "resume needs a checkpoint_dir"),
@@ -186,6 +191,7 @@ class Trainer:
                 if st.batch_in_epoch < self.batches_per_epoch:
                     break  # max_steps reached inside the epoch
                 self._end_epoch()
+        self.mixed.release()  # the bfloat16 weight copies serve training steps only
         if self.has_validation and not any(r["kind"] == "validation" and r["step"] == st.step for r in st.history):
             self._validate()
         if self._saved_step != st.step:
@@ -214,9 +220,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
         self.controllers = build_controllers(self.model, self.total_steps)
+        self.precision = resolve(cfg.precision, self.device)
         self.policy = LeanPolicy(self.model, cfg.prefix, cfg.lisa_layers, cfg.lisa_period,
                                  cfg.gradient_checkpointing, cfg.seed, cfg.head_rows,
-                                 cfg.block_dropout, cfg.fused_loss)
+                                 cfg.block_dropout, cfg.fused_loss, self.precision)
+        self.mixed = MixedPrecision(self.model, self.precision, self.device, [p for _, p in self.trainable])
         self.policy.start(self.data, cfg.eval_batch_size, cfg.checkpoint_dir)
 
     def close(self) -> None:
@@ -249,19 +257,21 @@ class Trainer:
         total = 0.0
         self.policy.before_step(self.state.step)
         lm = self.task != CLASSIFICATION
-        for index in group:
-            local = distributed.shard(index)  # all rows when not distributed
-            self.policy.before_forward("train", local)
-            mine = batch_at(self.data.train, local, self.device)
-            # Weight this process's mean loss by its share, so averaged gradients equal one process's.
-            everyone = distributed.predicted({"labels": self.data.train["labels"][index]}, lm)
-            share = distributed.predicted(mine, lm) * self.world / max(everyone, 1)
-            loss = self.model(**mine).loss
-            value = distributed.global_sum(loss.item() * share / self.world, self.device)
-            if not math.isfinite(value):
-                self._diverged("the loss", value)
-            (loss * share / len(group)).backward()
-            total += value / len(group)
+        with self.mixed.step():
+            for index in group:
+                local = distributed.shard(index)  # all rows when not distributed
+                self.policy.before_forward("train", local)
+                mine = batch_at(self.data.train, local, self.device)
+                # Weight this process's mean loss by its share, so averaged gradients equal one process's.
+                everyone = distributed.predicted({"labels": self.data.train["labels"][index]}, lm)
+                share = distributed.predicted(mine, lm) * self.world / max(everyone, 1)
+                with self.mixed.forward():
+                    loss = self.model(**mine).loss
+                value = distributed.global_sum(loss.item() * share / self.world, self.device)
+                if not math.isfinite(value):
+                    self._diverged("the loss", value)
+                (loss * share / len(group)).backward()
+                total += value / len(group)
         distributed.average_gradients([p for _, p in self.trainable])
         for controller in self.controllers:
             controller.after_backward(self.state.step)
