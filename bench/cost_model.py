@@ -175,6 +175,8 @@ def main() -> None:
     parser.add_argument("--only", help="run only the cases whose name contains this text")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help=f"measured runs per case; errors are against their medians (default {ROUNDS})")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="training steps' precision for every case (bf16 writes cost_model-bf16.md and .json)")
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "OUT", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -187,6 +189,7 @@ def main() -> None:
     cases = QUICK if args.quick else CASES
     if args.only:
         cases = {k: v for k, v in cases.items() if args.only in k}
+    cases = {k: dict(v, precision=args.precision) for k, v in cases.items()}
     models, estimates = {}, {}
     with tempfile.TemporaryDirectory() as cache_dir:
         for name, case in cases.items():
@@ -202,17 +205,19 @@ def main() -> None:
               ", ".join(f"{k} {100 * v:+.1f}%" for k, v in row["errors"].items()) +
               f"; exact {row['exact']}", flush=True)
     data = {"environment": environment(), "quick": args.quick, "threads": args.threads, "rounds": args.rounds,
-            "target": TARGET, "results": results}
+            "target": TARGET, "precision": args.precision, "results": results}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "cost_model.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    (OUT / "cost_model.md").write_text(render(data))
-    print(f"wrote {OUT / 'cost_model.md'}")
+    stem = "cost_model" if args.precision == "fp32" else f"cost_model-{args.precision}"
+    (OUT / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (OUT / f"{stem}.md").write_text(render(data))
+    print(f"wrote {OUT / f'{stem}.md'}")
 
 
 def render(data: dict) -> str:
     env = data["environment"]
     lines = ["# Cost model: estimates against measurement", "",
              f"Produced by `bench/cost_model.py{' --quick' if data['quick'] else ''}"
+             f"{' --precision ' + data['precision'] if data.get('precision', 'fp32') != 'fp32' else ''}"
              f"{'' if data['threads'] == THREADS else ' --threads ' + str(data['threads'])}` on {env['cpu']} "
              f"({env['threads']} threads, torch {env['torch']}). For each configuration `leanfit.budget.estimate` "
              "runs first (each model calibrated once, from an empty cache), then the same configuration runs "

@@ -282,7 +282,7 @@ def test_plan_prints_a_table_and_json_before_any_training(local_run, capsys):
     assert main([str(a) for a in plan_args(local_run, "--train-layers", "1")]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    assert "Note:" not in captured.err  # float32 steps: what the cost model prices
+    assert "steps in fp32" in out
     for row in ("trainable parameters", "adapter file", "peak memory", "training step", "training run",
                 "inference latency"):
         assert row in out
@@ -292,11 +292,13 @@ def test_plan_prints_a_table_and_json_before_any_training(local_run, capsys):
     assert f"{planned['trainable_params']:,}" in out
     assert not (local_run / "out").exists()  # nothing trained, nothing written but the calibration
     assert list((local_run / "calibration").glob("*.json"))
-    # bf16 steps are not priced: said on stderr, the JSON on stdout stays whole
+    # bf16 steps get a calibration of their own, and the memory their weight copies take
     assert main([str(a) for a in plan_args(local_run, "--train-layers", "1", "--json", "--precision", "bf16")]) == 0
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)["config"]["precision"] == "bf16"
-    assert "calibrated for float32 steps" in captured.err and "--precision bf16" in captured.err
+    low = json.loads(capsys.readouterr().out)
+    assert low["config"]["precision"] == "bf16" and low["breakdown"]["policy"]["precision"] == "bf16"
+    assert len(list((local_run / "calibration").glob("*.json"))) == 2
+    assert planned["breakdown"]["memory"]["bf16_copies_bytes"] == 0
+    assert low["breakdown"]["memory"]["bf16_copies_bytes"] > 0
 
 
 def test_plan_bad_options_print_one_sentence_and_exit_2(local_run, capsys):

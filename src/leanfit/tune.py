@@ -85,7 +85,7 @@ class TuneConfig:
     # docs/lean-training.md); True keeps it, as Hugging Face's training does.
     block_dropout: bool = False
     # "bf16": training steps' matrix products in bfloat16 (train/precision.py); "auto": bf16 where the
-    # hardware has native bfloat16; "fp32" (default, what `leanfit plan`'s cost model is calibrated for).
+    # hardware has native bfloat16; "fp32" (default: what `leanfit plan`'s cost model prices best, docs/budget.md).
     precision: str = "fp32"
 
     @classmethod

@@ -93,11 +93,12 @@ def _fingerprint(model: nn.Module) -> str:
     return cached[1]
 
 
-def calibration_key(model: nn.Module, batch_size: int, seq_len: int, task: str) -> dict:
+def calibration_key(model: nn.Module, batch_size: int, seq_len: int, task: str, precision: str = "fp32") -> dict:
+    # a float32 calibration's key has no precision, as before there was a choice (its cache stays valid)
     return {"version": VERSION, "fingerprint": _fingerprint(model), "model_class": type(model).__name__,
             "num_labels": getattr(getattr(model, "config", None), "num_labels", None), "task": task,
             "batch_size": int(batch_size), "seq_len": int(seq_len), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, **({"precision": precision} if precision != "fp32" else {})}
 
 
 def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
@@ -106,13 +107,14 @@ def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
 
 
 def calibrate(model: nn.Module, batch_size: int, seq_len: int, task: str, *,
-              cache_dir: str | Path | None = None, refresh: bool = False) -> Calibration:
+              cache_dir: str | Path | None = None, refresh: bool = False, precision: str = "fp32") -> Calibration:
     """The calibration of `model` (a base model without adapters) at `batch_size` x `seq_len`: from
     the cache when its key matches, else measured now (tens of seconds) and cached in `cache_dir`
-    (default ~/.cache/leanfit/calibration, or $LEANFIT_CACHE/calibration)."""
+    (default ~/.cache/leanfit/calibration, or $LEANFIT_CACHE/calibration). `precision` ("fp32" or
+    "bf16", resolved): what the training steps are measured in; evaluation and inference are float32."""
     if model.__dict__.get("leanfit_adapters"):
         raise ConfigError("Calibrate the base model, without adapters; load a fresh one from the zoo.")
-    key = calibration_key(model, batch_size, seq_len, task)
+    key = calibration_key(model, batch_size, seq_len, task, precision)
     path = cache_path(key, cache_dir)
     if path.is_file() and not refresh:
         try:
@@ -121,12 +123,14 @@ def calibrate(model: nn.Module, batch_size: int, seq_len: int, task: str, *,
                 return Calibration(key, data["values"], path)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
             pass  # a damaged cache file is measured again and replaced
-    calibration = Calibration(key, measure_model(model, batch_size, seq_len, task, key["fingerprint"]), path, True)
+    calibration = Calibration(key, measure_model(model, batch_size, seq_len, task, key["fingerprint"], precision),
+                              path, True)
     calibration.save()
     return calibration
 
 
-def measure_model(model: nn.Module, batch_size: int, seq_len: int, task: str, fingerprint: str) -> dict:
+def measure_model(model: nn.Module, batch_size: int, seq_len: int, task: str, fingerprint: str,
+                  precision: str = "fp32") -> dict:
     """Run the measurements; the model's weights, flags, mode and the caller's RNG are left as they were."""
     from ..train.layers import transformer_blocks
     found = transformer_blocks(model)
@@ -139,14 +143,15 @@ def measure_model(model: nn.Module, batch_size: int, seq_len: int, task: str, fi
     was_training = model.training
     try:
         with torch.random.fork_rng(devices=[]):  # dropout, adapter inits and test tensors draw from a fork
-            values = _measure(model, found, batch_size, seq_len, task, fingerprint)
+            values = _measure(model, found, batch_size, seq_len, task, fingerprint, precision)
     finally:
         model.train(was_training)
     values["rates"] = _rates(values, found[0])
     return values
 
 
-def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, fingerprint: str) -> dict:
+def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, fingerprint: str,
+             precision: str) -> dict:
     from ..core.model import task_heads
     from ..train.block_dropout import BlockDropoutOff
     blocks = found[1]
@@ -169,21 +174,22 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     }
     with _applied(adapters_run):  # training with adapters and evaluation, as the trainer runs them
         values.update({
-            "train_low": measure.profile_train_step(model, batch, low_n, heads, weights=False),
-            "train_high": measure.profile_train_step(model, batch, high_n, heads, weights=False),
+            "train_low": measure.profile_train_step(model, batch, low_n, heads, weights=False, precision=precision),
+            "train_high": measure.profile_train_step(model, batch, high_n, heads, weights=False, precision=precision),
             "evaluation": measure.profile_evaluation(model, batch, task),
         })
     # what the blocks' dropout adds to each trained block (`--block-dropout`), where the model has any
     values["dropout_block_s"] = 0.0
     if dropout_off.modules:
         with _applied(rewrites):
-            on = measure.profile_train_step(model, batch, high_n, heads, weights=False)
+            on = measure.profile_train_step(model, batch, high_n, heads, weights=False, precision=precision)
         values["dropout_block_s"] = max(0.0, on["step_s"] - values["train_high"]["step_s"]) / high_n
     # full fine-tuning trains the output layer: the final block cut, no fused loss
     with _applied([*([cut] if cut is not None else []), dropout_off]):
-        values["full"] = measure.profile_train_step(model, batch, len(blocks), heads, weights=True)
+        values["full"] = measure.profile_train_step(model, batch, len(blocks), heads, weights=True,
+                                                    precision=precision)
     values.update({
-        "reference": _reference(model, batch, high_n, heads, fingerprint, layers, adapters_run),
+        "reference": _reference(model, batch, high_n, heads, fingerprint, layers, adapters_run, precision),
         "optimizer": machine.optimizer_rates(), "op_s": machine.op_seconds(),
         "page_fault_s_per_byte": machine.page_fault_seconds(),
         "model_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
@@ -216,7 +222,7 @@ def _applied(parts: list):
 
 
 def _reference(model: nn.Module, batch: dict, trained: int, heads: list[str], fingerprint: str,
-               specs: dict, rewrites: list) -> dict:
+               specs: dict, rewrites: list, precision: str) -> dict:
     """A LoRA r=8 adapter on every linear layer: of the top `trained` blocks in training steps
     (profiled once, then timed against none, alternating), and of all blocks in eval forwards
     against none (alternating); the model is unwrapped after (bit-identical)."""
@@ -236,9 +242,9 @@ def _reference(model: nn.Module, batch: dict, trained: int, heads: list[str], fi
         core.adapt(model, LoRA(rank=REFERENCE_RANK), targets="all-linear", exclude=below_top_k(model, trained),
                    name="top")
         with _applied(rewrites):  # the trainer's, as for the plain steps
-            step = measure.profile_train_step(model, batch, trained, heads, weights=None)
+            step = measure.profile_train_step(model, batch, trained, heads, weights=None, precision=precision)
             plain_step, adapted_step = measure.alternate_steps(model, batch, trained, lambda on: core.activate(
-                model, *(["top"] if on else [])))
+                model, *(["top"] if on else [])), precision=precision)
         cost_top = traced("top")
         core.delete(model, "top")
         core.adapt(model, LoRA(rank=REFERENCE_RANK), targets="all-linear", name="all")

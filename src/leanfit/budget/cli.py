@@ -35,10 +35,6 @@ def _plan(args) -> int:
         print(json.dumps({"config": _config_dict(config), **result.as_dict()}, indent=2, default=str))
     else:
         _print_table(config, result)
-    if config.precision != "fp32":  # said on stderr, so that --json output stays one JSON document
-        print("Note: the step time, run time and memory above are calibrated for float32 steps; the cost model "
-              f"does not price --precision {config.precision} yet (bf16 steps run faster: docs/lean-training.md).",
-              file=sys.stderr)
     return 0
 
 
@@ -57,7 +53,7 @@ def _print_table(config, result) -> None:
                   caption=f"batch {config.batch_size} x {config.max_length} tokens, {config.epochs} epoch(s) over "
                           f"{rows['train']} rows ({result.steps} steps), validation {rows['validation']} rows; "
                           f"trained blocks {policy['trained_blocks']:g} of {policy['blocks']}, prefix "
-                          f"{'cached' if policy['prefix_cached'] else config.prefix}")
+                          f"{'cached' if policy['prefix_cached'] else config.prefix}, steps in {policy['precision']}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     table.add_column("how", style="dim")

@@ -25,9 +25,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..train.precision import copy_bytes, resolve
 from . import exact
 
 EVAL_BATCH_SIZE = 64  # the trainer's default, which `leanfit tune` keeps
@@ -86,7 +88,7 @@ def estimate(config, model: nn.Module | None = None, calibration=None, *, data=N
     shape = run_shape(config, data, dataset, tokenizer)
     if calibration is None:
         calibration = calibrate(model, config.batch_size, config.max_length, shape["task"], cache_dir=cache_dir,
-                                refresh=recalibrate)
+                                refresh=recalibrate, precision=resolve(config.precision, torch.device("cpu")))
     built = exact.build(model, config, calibration.key["fingerprint"])
     return compose(config, shape, built, calibration, _source(config.model))
 
@@ -190,6 +192,11 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
               and not any(v["layers"].get(n, {}).get("before_blocks") for n in layers))
     depth = _lisa_depth(blocks, in_blocks, config.lisa_layers) if config.lisa_layers else in_blocks
     inference, high = v["inference"], v["train_high"]
+    # a block of the frozen prefix in a training step: an eval forward, float32 as inference runs it;
+    # in a bf16 calibration, as measured below the trained blocks of its bfloat16 steps (where it had any)
+    frozen_block_s = inference["block_s"]
+    if calibration.key.get("precision") == "bf16" and high["prefix_block_s"]:
+        frozen_block_s = high["prefix_block_s"]
 
     # one optimizer step
     work = layer_costs(layers, v["layers"], config.batch_size)
@@ -213,22 +220,28 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
         other = high["step_s"] - high["entry_s"] - high["prefix_block_s"] * (blocks - profiled) \
             - high["block_s"] * (profiled - 1) - high["final_block_s"] - high["head_s"]
         passes = scale * (steady * (high["entry_s"] + trained_s + recompute + high["head_s"] + depth * dropout_s
-                                    + max(0.0, other)) + frozen * inference["block_s"])
+                                    + max(0.0, other)) + frozen * frozen_block_s)
     optimizer = v["optimizer"]["per_param_s"] * params + v["optimizer"]["per_tensor_s"] * len(trainable)
     step = passes + adapters_train + optimizer
 
     # the fit: prefix cache build, steps, a validation pass per epoch
     steps = config.epochs * math.ceil(rows["train"] / config.batch_size)
-    prefix_row = (inference["entry_s"] + (lowest or 0) * inference["block_s"]) / v["rows"]
-    build_s = prefix_row * (rows["train"] + rows["validation"]) if cached else 0.0
+    def prefix_row(block_s: float) -> float:
+        return (inference["entry_s"] + (lowest or 0) * block_s) / v["rows"]
+
+    # the train split's prefix is computed in the steps' precision, the validation split's in float32
+    build_s = prefix_row(frozen_block_s) * rows["train"] + prefix_row(inference["block_s"]) * rows["validation"] \
+        if cached else 0.0
     run_blocks = blocks - (lowest if cached else 0)  # the evaluation replays the cached prefix too
     evaluation = v["evaluation"]  # measured as the trainer evaluates, the final block perhaps cut
     eval_row = ((inference["entry_s"] + (run_blocks - 1) * inference["block_s"] + evaluation["final_block_s"]
                  + evaluation["head_s"]) / v["rows"]
                 + adapters_infer / config.batch_size)
     validation_s = config.epochs * rows["validation"] * eval_row
+    # a bf16 run's bfloat16 copies of the frozen Linear weights, held while it trains (train/precision.py)
+    copies = copy_bytes(adapted, [p for _, p in trainable]) if calibration.key.get("precision") == "bf16" else 0
     memory = _memory(config, shape, calibration, source, params, len(trainable) and trainable[0][1].element_size(),
-                     depth, cached, work["kept_bytes"], work["backward_bytes"] * graph_share, scale)
+                     depth, cached, work["kept_bytes"], work["backward_bytes"] * graph_share, scale, copies)
     first_step = memory["activations_bytes"] * v["page_fault_s_per_byte"]  # faults in new memory, once
     train_s = build_s + steps * step + first_step + validation_s
 
@@ -243,7 +256,8 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
         "adapters": work,
         "policy": {"blocks": blocks, "trained_blocks": depth, "prefix_cached": cached, "adapted_layers": len(layers),
                    "trainable_tensors": len(trainable), "calibration_rows": v["rows"], "batch_size": config.batch_size,
-                   "seq_len": config.max_length, "rows": rows},
+                   "seq_len": config.max_length, "rows": rows,
+                   "precision": calibration.key.get("precision", "fp32")},
         "calibration": str(calibration.path) if calibration.path else None,
     }
     return CostEstimate(params, built["total_params"], built["adapter_bytes"], int(memory["peak_bytes"]), step,
@@ -269,7 +283,7 @@ def _lisa_depth(blocks: int, in_blocks: int, sampled: int) -> float:
 
 
 def _memory(config, shape, calibration, source, params, element, depth, cached, adapter_kept, adapter_backward,
-            scale) -> dict:
+            scale, copies=0) -> dict:
     """Peak resident bytes: the largest of the training phase, the evaluation phase and model loading."""
     v, rates = calibration.values, calibration.values["rates"]
     low, high, full = v["train_low"], v["train_high"], v["full"]
@@ -295,12 +309,13 @@ def _memory(config, shape, calibration, source, params, element, depth, cached, 
         activations = scale * (head + kept) + adapter_kept + rates["resident_per_backward_byte"] * adapter_backward
     cache_row = v["block_output_bytes_per_row"] if cached else 0
     cache_fit = cache_row * (rows["train"] + rows["validation"])
-    train_phase = fixed + cache_fit + gradients + adam + activations
+    train_phase = fixed + cache_fit + gradients + adam + activations + copies
     eval_rows = min(EVAL_BATCH_SIZE, max(rows["validation"], rows["test"]))  # the largest evaluation batch
     eval_phase = fixed + cache_fit + cache_row * rows["test"] + adam + v["evaluation"]["peak_bytes"] * eval_rows / v["rows"]
     return {"peak_bytes": max(train_phase, eval_phase), "train_phase_bytes": train_phase,
             "eval_phase_bytes": eval_phase, "process_bytes": fixed, "prefix_cache_bytes": cache_fit + cache_row * rows["test"],
-            "gradients_bytes": gradients, "adam_bytes": adam, "activations_bytes": activations}
+            "gradients_bytes": gradients, "adam_bytes": adam, "activations_bytes": activations,
+            "bf16_copies_bytes": copies}
 
 
 def _fixed_bytes(stages: dict, v: dict, shape: dict) -> float:

@@ -19,6 +19,7 @@ from torch import nn
 from ..data.splits import CAUSAL_LM
 from ..memory import rss_bytes, status_bytes, trim_heap
 from ..train.layers import transformer_blocks
+from ..train.precision import MixedPrecision
 
 STEADY_REPS = 3  # timed repetitions after a warm-up; their median is kept
 PEAK_REPS = 3  # a step's peak memory, read this many times (untimed); their median is kept: on MiniLM
@@ -171,11 +172,14 @@ def _saved_bytes_per_block(model: nn.Module, blocks: list[nn.Module]):
     return counting()
 
 
-def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[str], weights: bool | None) -> dict:
+def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[str], weights: bool | None,
+                       precision: str = "fp32") -> dict:
     """One training step where the top `trained` blocks learn (their weights if `weights`; else only
     input gradients flow, as when adapters sit inside them; None: the trainable flags as they are,
     e.g. with adapters), the task heads learn, and everything below runs as a frozen prefix (eval
-    mode, no graph). Returns per-part seconds and bytes."""
+    mode, no graph), in `precision` as the trainer runs it (train/precision.py; its bfloat16 weight
+    copies are made in the warm-up step, so the peaks do not hold them). Returns per-part seconds
+    and bytes."""
     name, blocks = transformer_blocks(model)
     k = len(blocks) - trained
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -189,20 +193,23 @@ def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[
     model.train()
     for block in blocks[:k]:
         block.eval()
+    mixed = MixedPrecision(model, precision, next(model.parameters()).device,
+                           [p for p in model.parameters() if p.requires_grad])
     try:
         stamps = _Stamps(blocks, entry, k if trained else None)
         try:
-            _step(model, batch)  # warm-up, outside the meters
+            _step(model, batch, mixed)  # warm-up, outside the meters
             with _saved_bytes_per_block(model, blocks) as saved:
-                first = _timed_step(model, batch, stamps, k)
+                first = _timed_step(model, batch, stamps, k, mixed)
             peaks = []
             for _ in range(PEAK_REPS):  # on their own steps: trimming the heap before a step slows it
                 with PeakMeter() as peak:
-                    _step(model, batch)
+                    _step(model, batch, mixed)
                 peaks.append(peak.bytes)
-            steady = [_timed_step(model, batch, stamps, k) for _ in range(STEADY_REPS)]
+            steady = [_timed_step(model, batch, stamps, k, mixed) for _ in range(STEADY_REPS)]
         finally:
             stamps.remove()
+            mixed.release()
         per_block_saved = {}
         for block_index, nbytes in saved.values():
             per_block_saved[block_index] = per_block_saved.get(block_index, 0) + nbytes
@@ -217,21 +224,30 @@ def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[
             p.requires_grad_(flags[n])
 
 
-def _step(model: nn.Module, batch: dict) -> None:
-    model(**batch).loss.backward()
+def _step(model: nn.Module, batch: dict, mixed: MixedPrecision) -> None:
+    _forward_backward(model, batch, mixed)
     for p in model.parameters():
         p.grad = None
 
 
-def _timed_step(model: nn.Module, batch: dict, stamps: "_Stamps", k: int) -> dict:
+def _forward_backward(model: nn.Module, batch: dict, mixed: MixedPrecision) -> None:
+    with mixed.step():
+        with mixed.forward():
+            loss = model(**batch).loss
+        loss.backward()
+
+
+def _timed_step(model: nn.Module, batch: dict, stamps: "_Stamps", k: int, mixed: MixedPrecision) -> dict:
     """One training step, timed by part from the stamps (blocks below k run as a frozen prefix)."""
     top = len(stamps.blocks)
     stamps.t.clear()
-    start = time.perf_counter()
-    loss = model(**batch).loss
-    forward_end = time.perf_counter()
-    loss.backward()
-    end = time.perf_counter()
+    with mixed.step():
+        start = time.perf_counter()
+        with mixed.forward():
+            loss = model(**batch).loss
+        forward_end = time.perf_counter()
+        loss.backward()
+        end = time.perf_counter()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     del loss
     for p in model.parameters():
@@ -252,7 +268,7 @@ def _timed_step(model: nn.Module, batch: dict, stamps: "_Stamps", k: int) -> dic
 
 
 def alternate_steps(model: nn.Module, batch: dict, trained: int, switch,
-                    rounds: int = STEADY_REPS + 1) -> tuple[float, float]:
+                    rounds: int = STEADY_REPS + 1, precision: str = "fp32") -> tuple[float, float]:
     """Median seconds of a training step with `switch(False)` and with `switch(True)` applied,
     alternating, the first round a warm-up; gradients flow from the top `trained` blocks up, as in
     profile_train_step, whatever is trainable."""
@@ -269,12 +285,14 @@ def alternate_steps(model: nn.Module, batch: dict, trained: int, switch,
     for block in blocks[:k]:
         block.eval()
     times = {False: [], True: []}
+    mixed = MixedPrecision(model, precision, next(model.parameters()).device,
+                           [p for p in model.parameters() if p.requires_grad])
     try:
         for i in range(rounds):
             for on in (False, True):
                 switch(on)
                 start = time.perf_counter()
-                model(**batch).loss.backward()
+                _forward_backward(model, batch, mixed)
                 elapsed = time.perf_counter() - start
                 for p in model.parameters():
                     p.grad = None
@@ -282,6 +300,7 @@ def alternate_steps(model: nn.Module, batch: dict, trained: int, switch,
                     times[on].append(elapsed)
     finally:
         handle.remove()
+        mixed.release()
     return statistics.median(times[False]), statistics.median(times[True])
 
 

@@ -19,7 +19,7 @@ from .head_rows import HeadRows
 from .layers import LISA
 from .lm_loss import FusedLMLoss
 from .prefix_cache import PrefixCache
-from .precision import autocast
+from .precision import MixedPrecision
 
 PREFIX_MODES = ("off", "eval", "cache")
 
@@ -28,7 +28,7 @@ class LeanPolicy:
     def __init__(self, model: nn.Module, prefix: str = "off", lisa_layers: int | None = None,
                  lisa_period: int = 20, gradient_checkpointing: bool = False, seed: int = 0,
                  head_rows: bool = True, block_dropout: bool = True, fused_loss: bool = True,
-                 precision: str = "fp32"):
+                 mixed: MixedPrecision | None = None):
         if prefix not in PREFIX_MODES:
             raise ConfigError(f"prefix must be one of {', '.join(PREFIX_MODES)}, got {prefix!r}.")
         self.model, self.prefix = model, prefix
@@ -40,8 +40,9 @@ class LeanPolicy:
         self.cache: PrefixCache | None = None
         self.plan = None
         self._depth = 0
-        self.precision = precision
-        self.info: dict = {"prefix": prefix, "block_dropout": block_dropout, "precision": precision}
+        self.mixed = mixed  # the training steps' precision (train/precision.py); None: float32
+        self.info: dict = {"prefix": prefix, "block_dropout": block_dropout,
+                           "precision": mixed.precision if mixed else "fp32"}
 
     def start(self, data, eval_batch_size: int, spill_dir: str | None = None) -> None:
         """Decide the frozen prefix and, in cache mode, compute it for every split once."""
@@ -76,8 +77,9 @@ class LeanPolicy:
         attached = self.cache.attached
         if attached:
             self.cache.detach()
-        # The train split's prefix stands for the lower part of training forwards: same precision as they.
-        with autocast(self.precision if split == "train" else "fp32", next(self.model.parameters()).device):
+        # The train split's prefix stands for the lower part of training forwards: computed as they are.
+        mixed = self.mixed if split == "train" and self.mixed is not None else MixedPrecision(self.model, "fp32", None)
+        with mixed.step(), mixed.forward():
             self.cache.build({split: self._splits[split]}, *self._build_args)
         if attached:
             self.cache.attach()

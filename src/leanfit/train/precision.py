@@ -114,10 +114,19 @@ def _float32_attention():
         F.scaled_dot_product_attention = original
 
 
+def copy_bytes(model: nn.Module, trained=()) -> int:
+    """Bytes the bfloat16 weight copies of a "bf16" run take (what `MixedPrecision.step` swaps in)."""
+    return sum(p.numel() * LOW.itemsize for p in _swappable(model, {id(t) for t in trained}))
+
+
 def _frozen_linear_weights(model: nn.Module, trained: set[int]) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
-    """(parameter, its float32 data, a bfloat16 copy) for every frozen float32 nn.Linear weight outside
-    `trained` (ids), except one shared with an embedding (a tied output layer): a bfloat16 embedding
-    would put the residual stream in bfloat16."""
+    """(parameter, its float32 data, a bfloat16 copy) for each weight `_swappable` names."""
+    return [(param, param.data, param.data.to(LOW)) for param in _swappable(model, trained)]
+
+
+def _swappable(model: nn.Module, trained: set[int]) -> list[nn.Parameter]:
+    """Every frozen float32 nn.Linear weight outside `trained` (ids), except one shared with an
+    embedding (a tied output layer): a bfloat16 embedding would put the residual stream in bfloat16."""
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     found, seen = [], set(trained)
     for module in model.modules():
@@ -126,5 +135,5 @@ def _frozen_linear_weights(model: nn.Module, trained: set[int]) -> list[tuple[nn
                 or id(param) in embedded or id(param) in seen):
             continue
         seen.add(id(param))
-        found.append((param, param.data, param.data.to(LOW)))
+        found.append(param)
     return found

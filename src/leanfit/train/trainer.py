@@ -221,10 +221,10 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
         self.controllers = build_controllers(self.model, self.total_steps)
         self.precision = resolve(cfg.precision, self.device)
+        self.mixed = MixedPrecision(self.model, self.precision, self.device, [p for _, p in self.trainable])
         self.policy = LeanPolicy(self.model, cfg.prefix, cfg.lisa_layers, cfg.lisa_period,
                                  cfg.gradient_checkpointing, cfg.seed, cfg.head_rows,
-                                 cfg.block_dropout, cfg.fused_loss, self.precision)
-        self.mixed = MixedPrecision(self.model, self.precision, self.device, [p for _, p in self.trainable])
+                                 cfg.block_dropout, cfg.fused_loss, self.mixed)
         self.policy.start(self.data, cfg.eval_batch_size, cfg.checkpoint_dir)
 
     def close(self) -> None:
