@@ -226,6 +226,7 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
 
     # the fit: prefix cache build, steps, a validation pass per epoch
     steps = config.epochs * math.ceil(rows["train"] / config.batch_size)
+
     def prefix_row(block_s: float) -> float:
         return (inference["entry_s"] + (lowest or 0) * block_s) / v["rows"]
 

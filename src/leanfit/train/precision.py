@@ -61,7 +61,7 @@ class MixedPrecision:
     @contextmanager
     def step(self):
         """Frozen Linear weights in bfloat16 for a step's forwards and backwards (the copies are made
-        at the first step and kept until `release`)."""
+        on first use, a step or the train split's prefix cache, and kept until `release`)."""
         if self.precision != "bf16":
             yield
             return
