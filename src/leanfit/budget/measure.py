@@ -193,8 +193,7 @@ def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[
     model.train()
     for block in blocks[:k]:
         block.eval()
-    mixed = MixedPrecision(model, precision, next(model.parameters()).device,
-                           [p for p in model.parameters() if p.requires_grad])
+    mixed = _mixed(model, precision)
     try:
         stamps = _Stamps(blocks, entry, k if trained else None)
         try:
@@ -228,6 +227,12 @@ def _step(model: nn.Module, batch: dict, mixed: MixedPrecision) -> None:
     _forward_backward(model, batch, mixed)
     for p in model.parameters():
         p.grad = None
+
+
+def _mixed(model: nn.Module, precision: str) -> MixedPrecision:
+    """The trainer's precision contexts for the model as it stands (what requires grad is never swapped)."""
+    return MixedPrecision(model, precision, next(model.parameters()).device,
+                          [p for p in model.parameters() if p.requires_grad])
 
 
 def _forward_backward(model: nn.Module, batch: dict, mixed: MixedPrecision) -> None:
@@ -285,8 +290,7 @@ def alternate_steps(model: nn.Module, batch: dict, trained: int, switch,
     for block in blocks[:k]:
         block.eval()
     times = {False: [], True: []}
-    mixed = MixedPrecision(model, precision, next(model.parameters()).device,
-                           [p for p in model.parameters() if p.requires_grad])
+    mixed = _mixed(model, precision)
     try:
         for i in range(rounds):
             for on in (False, True):

@@ -220,8 +220,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_ratio)
         self.controllers = build_controllers(self.model, self.total_steps)
-        self.precision = resolve(cfg.precision, self.device)
-        self.mixed = MixedPrecision(self.model, self.precision, self.device, [p for _, p in self.trainable])
+        self.mixed = MixedPrecision(self.model, resolve(cfg.precision, self.device), self.device,
+                                    [p for _, p in self.trainable])
         self.policy = LeanPolicy(self.model, cfg.prefix, cfg.lisa_layers, cfg.lisa_period,
                                  cfg.gradient_checkpointing, cfg.seed, cfg.head_rows,
                                  cfg.block_dropout, cfg.fused_loss, self.mixed)
