@@ -129,3 +129,23 @@ def test_lisa_with_linear_adapters_never_swaps_an_adapter_weight():
     with trainer.mixed.step():  # even while LISA has them frozen, adapter weights stay float32 in a step
         assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in before)
         assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method", [lf.IA3(), lf.SSF(), lf.BitFit(), lf.LoRA(rank=4)], ids=lambda m: m.method)
+def test_an_adapted_layer_keeps_its_base_dtype_under_autocast(method):
+    # IA3's l ⊙ h with a float32 l would turn a bfloat16 product float32, and the block after it
+    # (slower, twice the saved bytes); the delta joins the base output in the base's dtype, as in PEFT
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    lf.adapt(layer, method, targets=["0"])
+    for p in layer.parameters():  # a trained, non-zero adapter
+        if p.requires_grad:
+            torch.nn.init.normal_(p, 1.0, 0.1)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer(x)
+        full, base = layer(x), layer[0].base_layer(x)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), full, rtol=5e-2, atol=5e-2)  # the adapter still acts ...
+    assert not torch.allclose(full, base, rtol=5e-2, atol=5e-2)  # ... and changes the output
