@@ -129,14 +129,14 @@ class FusedLMLoss(ForwardRewrite):
         model.eval()
         try:
             with torch.enable_grad():
-                expected = model(**labelled).loss
+                expected = model(**labelled).loss.detach()  # its graph (full logits) freed at once
                 with fused.applied():
-                    got = model(**labelled).loss
+                    got = model(**labelled).loss.detach()
         except (TypeError, ValueError, IndexError):  # a forward this wrapper does not fit
             return None
         finally:
             model.train(was_training)
-        return fused if torch.allclose(got.detach(), expected.detach(), rtol=1e-5, atol=1e-6) else None
+        return fused if torch.allclose(got, expected, rtol=1e-5, atol=1e-6) else None
 
     def forward(self):
         return _fused_forward(self.decoder, self.head, type(self.model).forward.__get__(self.model))

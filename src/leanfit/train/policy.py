@@ -7,15 +7,17 @@ there asks for input gradients, which leanfit never does (HF's `enable_input_req
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from ..data.splits import INPUT_KEYS, rows
 from ..errors import ConfigError
+from ..memory import trim_heap
 from .block_dropout import BlockDropoutOff
 from .head_rows import HeadRows
+from .kv_cache import NoKVCache
 from .layers import LISA
 from .lm_loss import FusedLMLoss
 from .prefix_cache import PrefixCache
@@ -37,6 +39,7 @@ class LeanPolicy:
         self.head_rows: HeadRows | None = None
         self.want_fused_loss, self.fused_loss = fused_loss, None
         self.dropout_off = None if block_dropout else BlockDropoutOff(model)
+        self.no_kv_cache = NoKVCache.plan(model)
         self.cache: PrefixCache | None = None
         self.plan = None
         self._depth = 0
@@ -51,6 +54,10 @@ class LeanPolicy:
             if enable is None:
                 raise ConfigError("gradient checkpointing needs a Hugging Face model; turn it off for this one.")
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        with self._without_kv_cache():  # the plans' forwards as the trainer's will run
+            self._plan(data, eval_batch_size, spill_dir)
+
+    def _plan(self, data, eval_batch_size: int, spill_dir: str | None) -> None:
         device = next(self.model.parameters()).device
         sample = {k: v[:2].to(device) for k, v in data.train.items() if k in INPUT_KEYS}
         if self.want_head_rows:
@@ -79,16 +86,20 @@ class LeanPolicy:
             self.cache.detach()
         # The train split's prefix stands for the lower part of training forwards: computed as they are.
         mixed = self.mixed if split == "train" and self.mixed is not None else MixedPrecision(self.model, "fp32", None)
-        with mixed.step(), mixed.forward():
+        trim_heap()  # what loading, tokenising and planning freed: the build's tensors would not reuse it
+        with mixed.step(), mixed.forward(), self._without_kv_cache():
             self.cache.build({split: self._splits[split]}, *self._build_args)
         if attached:
             self.cache.attach()
         self.info["cache_bytes"] = self.cache.nbytes()
 
+    def _without_kv_cache(self):
+        return self.no_kv_cache.applied() if self.no_kv_cache else nullcontext()
+
     @contextmanager
     def active(self):
-        """Apply the cache replay, the final-block cut, the fused loss and the blocks' dropout switch
-        inside the `with` block only, so the model outside the trainer is untouched."""
+        """Apply the cache replay, the final-block cut, the fused loss, the blocks' dropout switch and
+        the key/value cache switch inside the `with` block only, so the model outside the trainer is untouched."""
         if self._depth:  # evaluation inside fit: already active
             self._depth += 1
             try:
@@ -96,7 +107,8 @@ class LeanPolicy:
             finally:
                 self._depth -= 1
             return
-        parts = [p for p in (self.cache, self.head_rows, self.fused_loss, self.dropout_off) if p is not None]
+        parts = [p for p in (self.cache, self.head_rows, self.fused_loss, self.dropout_off, self.no_kv_cache)
+                 if p is not None]
         for part in parts:
             part.attach()
         self._depth = 1

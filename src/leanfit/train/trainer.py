@@ -160,6 +160,7 @@ class Trainer:
         if split not in ("train", "validation", "test"):
             raise ConfigError(f"split {split!r} is unknown; use 'train', 'validation' or 'test'.")
         policy = self.policy
+        trim_heap()  # what the training steps freed: evaluation's tensors would not reuse it
         if policy is None:
             return evaluate_split(self.model, self.data.split(split), self.task, self.config.eval_batch_size)
         try:
@@ -184,7 +185,7 @@ class Trainer:
         st = self.state
         self.model.train()
         self.policy.train_mode()
-        trim_heap()  # what loading and tokenising freed: the steps' tensors would not reuse it
+        trim_heap()  # what loading, tokenising and the prefix cache's build freed: the steps would not reuse it
         with self.policy.active(), TrainProgress(self.total_steps, st.step, cfg.progress, cfg.epochs) as bar:
             while st.epoch < cfg.epochs and st.step < self.total_steps and not st.stopped_early:
                 self._train_epoch(bar)
