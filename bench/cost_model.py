@@ -1,8 +1,9 @@
 """Issue 5: the cost model's estimates against measurement, on MiniLM / bbc-news and SmolLM2-135M / austen.
 
-For each configuration the parent process asks `leanfit.budget.estimate` (calibrating each model
-once, in a fresh cache, as the first `leanfit plan` on a machine would), then runs the very same
-configuration through `leanfit.tune.run` in a child process of its own and compares:
+Each round, the parent process asks `leanfit.budget.estimate` for every configuration (calibrating
+each model afresh, in an empty cache, as the first `leanfit plan` on a machine would), then runs the
+very same configurations through `leanfit.tune.run`, each in a child process of its own, and the
+medians over rounds are compared:
 - trainable parameters and adapter bytes (must be equal),
 - peak RSS of the child (its own VmHWM at the end: one process per run, as BENCHMARKS.md asks; not
   wait4's ru_maxrss, which Linux floors at this parent's peak at the fork, and this parent has
@@ -144,23 +145,31 @@ def estimate_case(case: dict, cache_dir: str, models: dict):
     return result, time.perf_counter() - start, run_shape(config, data)["rows"]
 
 
-def compare(case: dict, est, est_s: float, rows: dict, runs: list[dict]) -> dict:
-    """Errors of one case's estimate against the medians of its measured runs (step: the median of
-    each run's steps after the first, then the median over runs)."""
+ESTIMATED = ("train_peak_bytes", "step_seconds", "train_seconds", "inference_latency_ratio")
+
+
+def compare(case: dict, estimates: list[tuple], runs: list[dict]) -> dict:
+    """Errors of one case's estimates (the median over rounds of each figure) against the medians of
+    its measured runs (step: the median of each run's steps after the first, then over runs)."""
     step = statistics.median(statistics.median(r["step_times"][1:] or r["step_times"]) for r in runs)
     measured = {"step_seconds": step, "train_seconds": statistics.median(r["train_s"] for r in runs),
                 "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs)}
-    row = {"case": case, "rows": rows, "estimate_s": est_s, "estimate": est.as_dict(), "measured": measured,
-           "runs": runs,
-           "errors": {"train_peak_bytes": relative(est.train_peak_bytes, measured["peak_rss_bytes"]),
-                      "step_seconds": relative(est.step_seconds, step),
-                      "train_seconds": relative(est.train_seconds, measured["train_seconds"])},
-           "exact": {"trainable_params": all(est.trainable_params == r["trainable_params"] for r in runs),
-                     "adapter_bytes": all(r["adapter_bytes"] in (None, est.adapter_bytes) for r in runs)}}
+    first, _, rows = estimates[0]
+    rounds = [{k: getattr(e, k) for k in ESTIMATED} | {"estimate_s": s} for e, s, _ in estimates]
+    est = {**first.as_dict(), **{k: statistics.median(r[k] for r in rounds) for k in ESTIMATED}}
+    row = {"case": case, "rows": rows, "estimate_s": statistics.median(r["estimate_s"] for r in rounds),
+           "estimate": est, "estimate_rounds": rounds, "measured": measured, "runs": runs,
+           "errors": {"train_peak_bytes": relative(est["train_peak_bytes"], measured["peak_rss_bytes"]),
+                      "step_seconds": relative(est["step_seconds"], step),
+                      "train_seconds": relative(est["train_seconds"], measured["train_seconds"])},
+           "exact": {"trainable_params": all(e.trainable_params == r["trainable_params"] for e, _, _ in estimates
+                                             for r in runs),
+                     "adapter_bytes": all(r["adapter_bytes"] in (None, e.adapter_bytes) for e, _, _ in estimates
+                                          for r in runs)}}
     if "latency_ratio" in runs[0]:
         ratio = statistics.median(r["latency_ratio"]["ratio"] for r in runs)
         measured["latency_ratio"] = ratio
-        row["errors"]["inference_latency_ratio"] = relative(est.inference_latency_ratio, ratio)
+        row["errors"]["inference_latency_ratio"] = relative(est["inference_latency_ratio"], ratio)
     return row
 
 
@@ -190,16 +199,17 @@ def main() -> None:
     if args.only:
         cases = {k: v for k, v in cases.items() if args.only in k}
     cases = {k: dict(v, precision=args.precision) for k, v in cases.items()}
-    models, estimates = {}, {}
-    with tempfile.TemporaryDirectory() as cache_dir:
-        for name, case in cases.items():
-            estimates[name] = estimate_case(case, cache_dir, models)
-    # every case once per round, round after round, so a slow spell of the machine hits all cases alike
-    runs = {name: [] for name in cases}
+    models, estimates, runs = {}, {name: [] for name in cases}, {name: [] for name in cases}
     for _ in range(args.rounds):
+        # each round calibrates afresh right before its runs, as `leanfit plan` then `leanfit tune` would:
+        # this machine's speed drifts by 10-20% over minutes, and a round's estimate and runs see the same spell
+        with tempfile.TemporaryDirectory() as cache_dir:
+            for name, case in cases.items():
+                estimates[name].append(estimate_case(case, cache_dir, models))
+        # every case once per round, so a slow spell of the machine hits all cases alike
         for name, case in cases.items():
             runs[name].append(measure(case, args.threads))
-    results = {name: compare(cases[name], *estimates[name], runs[name]) for name in cases}
+    results = {name: compare(cases[name], estimates[name], runs[name]) for name in cases}
     for name, row in results.items():
         print(f"{name}: estimate took {row['estimate_s']:.1f} s; errors " +
               ", ".join(f"{k} {100 * v:+.1f}%" for k, v in row["errors"].items()) +
@@ -220,12 +230,12 @@ def render(data: dict) -> str:
              f"{' --precision ' + data['precision'] if data.get('precision', 'fp32') != 'fp32' else ''}"
              f"{'' if data['threads'] == THREADS else ' --threads ' + str(data['threads'])}` on {env['cpu']} "
              f"({env['threads']} threads, torch {env['torch']}). For each configuration `leanfit.budget.estimate` "
-             "runs first (each model calibrated once, from an empty cache), then the same configuration runs "
-             f"through `leanfit.tune.run` in its own process, {data.get('rounds', 1)} times (every case once per "
-             "round): peak RSS of that process (its own VmHWM), median step time after the first step, Trainer.fit wall "
+             "runs first, then the same configuration runs through `leanfit.tune.run` in its own process; "
+             f"{data.get('rounds', 1)} rounds, each calibrating every model afresh (an empty cache) right before "
+             "running every case once: peak RSS of that process (its own VmHWM), median step time after the first step, Trainer.fit wall "
              "time, and the trained model's eval forward with the adapter active vs deactivated (7 alternating "
-             "repetitions, ratio of medians); each measured figure is the median over the rounds, with the "
-             "rounds' own values in the json. Error = (estimate - measured) "
+             "repetitions, ratio of medians); each estimated and measured figure is the median over the rounds, "
+             "with the rounds' own values in the json. Error = (estimate - measured) "
              f"/ measured; the issue's target is within {100 * data['target']:.0f}% for memory and time.", "",
              "| configuration | rows (train/val/test) | params exact | bytes exact | peak RSS MB est / meas (err) "
              "| step s est / meas (err) | fit s est / meas (err) | latency ratio est / meas (err) |",

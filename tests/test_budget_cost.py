@@ -177,10 +177,15 @@ def test_the_final_block_is_calibrated_as_the_trainer_runs_it_and_priced_apart(c
     scale = 8 / rows  # batch 8
     top = {k: estimate(config(train_layers=k), model, fixed, data=data, cache_dir=cache).breakdown["step"]["passes_s"]
            for k in (1, 2)}
+    # the lowest trained block skips query, key and value's input-gradient products, which take as long
+    # as their forward: 3 x 32 x 32 of the block's 32 x 32 x 4 + 2 x 32 x 64 linear weights
+    share = values["first_read_share"]
+    assert share == pytest.approx(3 * 32 * 32 / (4 * 32 * 32 + 2 * 32 * 64))
     # top 1 = the profiled step less two whole blocks (not two thirds of three blocks' mean), plus the
     # frozen blocks below run without a graph
-    assert top[1] == pytest.approx(scale * (10.0 - 0.3 * (blocks - 3) - 2 * 2.0 + 0.25 * (blocks - 1)))
-    assert top[2] - top[1] == pytest.approx(scale * (2.0 - 0.25))  # one more whole block trains
+    assert top[1] == pytest.approx(scale * (10.0 - 0.3 * (blocks - 3) - 2 * 2.0 - share * 0.2 + 0.25 * (blocks - 1)))
+    # one more whole block trains, and the lowest one is a whole block, not the final one
+    assert top[2] - top[1] == pytest.approx(scale * (2.0 - 0.25 - share * (0.8 - 0.2)))
     # calibrated without the blocks' dropout, as tune trains by default; --block-dropout adds its masks per trained block
     values["dropout_block_s"] = 0.4
     dropout = estimate(config(train_layers=2, block_dropout=True), model, fixed, data=data, cache_dir=cache)
@@ -196,6 +201,25 @@ def test_a_causal_lm_is_calibrated_with_its_loss_fused_as_the_trainer_trains_it(
     calibration = calibrate(model, 4, 16, CAUSAL_LM, cache_dir=tmp_path)
     assert calibration.values["trainer_rewrites"] == ["FusedLMLoss"]  # planned with the base frozen, as adapters leave it
     assert all(p.requires_grad for p in model.parameters()) and "forward" not in model.__dict__  # model as it was
+
+
+def test_the_fused_loss_peak_is_priced_once_per_step_not_per_row(tmp_path):
+    # the fused loss works in chunks of a fixed size: calibrated on fewer rows than the batch, its share of
+    # the step's peak is not scaled up with the rows as the blocks' activations are
+    from test_lean import splits as lm_splits, tiny_llama
+    model = tiny_llama()
+    calibration = calibrate(model, 4, 12, CAUSAL_LM, cache_dir=tmp_path)
+    values = copy.deepcopy(calibration.values)
+    rows, (n_low, n_high) = values["rows"], values["trained_blocks"]
+    values["train_low"]["peak_bytes"], values["train_high"]["peak_bytes"] = 5e6, 5e6 + 1e6 * (n_high - n_low)
+    head = 5e6 - 1e6 * n_low  # the step's peak with no block trained: the fused loss's
+    unfused = copy.deepcopy(values)
+    unfused["trainer_rewrites"] = []
+    cfg = config(data="in-memory", batch_size=2 * rows, max_length=12, train_layers=2)
+    activations = [estimate(cfg, model, type(calibration)(calibration.key, v), data=lm_splits(CAUSAL_LM),
+                            cache_dir=tmp_path).breakdown["memory"]["activations_bytes"] for v in (values, unfused)]
+    assert values["trainer_rewrites"] == ["FusedLMLoss"]
+    assert activations[1] - activations[0] == pytest.approx(head)  # scaled twice unfused, once fused
 
 
 def test_estimate_refuses_a_model_that_already_has_adapters(calibrated):

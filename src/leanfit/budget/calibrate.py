@@ -39,9 +39,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io import atomic_write_bytes
+from ..train.kv_cache import NoKVCache
 from . import machine, measure
 
-VERSION = 7  # bumped when what a calibration holds changes
+VERSION = 8  # bumped when what a calibration holds changes
 CALIBRATION_FLOPS = 1.6e11  # matmul FLOPs of one forward at the calibration batch (~2 s on 2 cores)
 TRAINED_BLOCKS = (1, 3)  # the two training steps whose difference gives the per-block peak
 REFERENCE_RANK = 8
@@ -163,14 +164,16 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     heads = task_heads(model)
     low_n, high_n = (min(n, len(blocks)) for n in TRAINED_BLOCKS)
     cut, fused = _trainer_rewrites(model, batch)
-    rewrites = [part for part in (cut, fused) if part is not None]
+    no_kv_cache = NoKVCache.plan(model)  # the trainer runs a decoder without its key/value cache
+    rewrites = [part for part in (cut, fused, no_kv_cache) if part is not None]
     dropout_off = BlockDropoutOff(model)  # `leanfit tune` trains without the blocks' dropout by default
     adapters_run = [*rewrites, dropout_off]
     values = {
         "rows": rows, "blocks": len(blocks), "trained_blocks": [low_n, high_n],
         "block_output_bytes_per_row": _block_output_bytes(model, blocks[-1], one), "layers": layers, "heads": heads,
+        "first_read_share": _first_read_share(layers, f"{found[0]}.0."),
         "inference": measure.profile_inference(model, batch),  # the whole model, as it serves
-        "trainer_rewrites": [type(part).__name__ for part in rewrites],
+        "trainer_rewrites": [type(part).__name__ for part in (cut, fused) if part is not None],
     }
     with _applied(adapters_run):  # training with adapters and evaluation, as the trainer runs them
         values.update({
@@ -185,7 +188,7 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
             on = measure.profile_train_step(model, batch, high_n, heads, weights=False, precision=precision)
         values["dropout_block_s"] = max(0.0, on["step_s"] - values["train_high"]["step_s"]) / high_n
     # full fine-tuning trains the output layer: the final block cut, no fused loss
-    with _applied([*([cut] if cut is not None else []), dropout_off]):
+    with _applied([part for part in (cut, no_kv_cache, dropout_off) if part is not None]):
         values["full"] = measure.profile_train_step(model, batch, len(blocks), heads, weights=True,
                                                     precision=precision)
     values.update({
@@ -288,6 +291,18 @@ def _rates(v: dict, blocks_name: str) -> dict:
         # beyond what adapters keep (counted in full), the allocator's growth during their backward
         "resident_per_backward_byte": max(0.0, kept_extra - top["kept_bytes"]) / max(top["backward_bytes"], 1),
     }
+
+
+def _first_read_share(layers: dict, prefix: str) -> float:
+    """The share of a block's linear FLOPs in the layers that read the block's first input (query, key
+    and value, reading the block input or its normalised copy): a forward pass takes as long as the
+    backward's input-gradient products of those layers, which the lowest trained block skips."""
+    block = {n: s for n, s in layers.items() if n.startswith(prefix)}
+    if not block:
+        return 0.0
+    first = min(block.values(), key=lambda spec: spec["order"])["input_group"]
+    total = sum(_linear_flops(s, 1) for s in block.values())
+    return sum(_linear_flops(s, 1) for s in block.values() if s["input_group"] == first) / max(total, 1)
 
 
 def _linear_flops(spec: dict, rows: int) -> int:

@@ -149,7 +149,7 @@ def layer_costs(layers: dict, specs: dict, rows: int) -> dict:
     for name, (module, base) in layers.items():
         spec = specs[name]
         tokens = _tokens(spec, rows)
-        shape = json.dumps({k: x for k, x in spec.items() if k != "input_group"}, sort_keys=True)
+        shape = json.dumps({k: x for k, x in spec.items() if k not in ("input_group", "order")}, sort_keys=True)
         key = (json.dumps(module.config.to_dict(), sort_keys=True, default=str), shape, tokens)
         if key not in seen:  # layers of one shape cost the same: trace each shape once
             seen[key] = module.cost(tokens, base)
@@ -188,8 +188,8 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
     lowest = lowest_trainable_block(adapted)
     in_blocks = 0 if lowest is None else blocks - lowest  # blocks from the lowest trainable one up
     layers = {n: (h.adapters[config.name], h.base_layer) for n, h in hosts(adapted).items() if config.name in h.adapters}
-    cached = (config.prefix == "cache" and config.method != "full" and lowest not in (None, 0)
-              and not any(v["layers"].get(n, {}).get("before_blocks") for n in layers))
+    below_learns = any(v["layers"].get(n, {}).get("before_blocks") for n in layers)  # an adapter below the blocks
+    cached = config.prefix == "cache" and config.method != "full" and lowest not in (None, 0) and not below_learns
     depth = _lisa_depth(blocks, in_blocks, config.lisa_layers) if config.lisa_layers else in_blocks
     inference, high = v["inference"], v["train_high"]
     # a block of the frozen prefix in a training step: an eval forward, float32 as inference runs it;
@@ -219,8 +219,12 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
         profiled = v["trained_blocks"][1]  # autograd's start-up and the rest of the profiled step:
         other = high["step_s"] - high["entry_s"] - high["prefix_block_s"] * (blocks - profiled) \
             - high["block_s"] * (profiled - 1) - high["final_block_s"] - high["head_s"]
-        passes = scale * (steady * (high["entry_s"] + trained_s + recompute + high["head_s"] + depth * dropout_s
-                                    + max(0.0, other)) + frozen * frozen_block_s)
+        # nothing below the lowest trained block learns, so the layers reading its input (query, key, value)
+        # skip their input-gradient products, which the profile, its blocks learning through their inputs, ran
+        input_grad = 0.0 if below_learns or not depth else v["first_read_share"] * (
+            high["block_forward_s"] if depth > 1 else high["final_block_forward_s"])
+        passes = scale * (steady * (high["entry_s"] + trained_s - input_grad + recompute + high["head_s"]
+                                    + depth * dropout_s + max(0.0, other)) + frozen * frozen_block_s)
     optimizer = v["optimizer"]["per_param_s"] * params + v["optimizer"]["per_tensor_s"] * len(trainable)
     step = passes + adapters_train + optimizer
 
@@ -304,15 +308,20 @@ def _memory(config, shape, calibration, source, params, element, depth, cached, 
         gradients = 0  # inside the measured peak
     else:
         head = max(0.0, low["peak_bytes"] - per_block * n_low)  # the step's peak with no block trained
+        # the fused LM loss works in chunks of a fixed size (train/lm_loss.py): its peak does not grow with rows
+        head_scale = 1.0 if "FusedLMLoss" in v["trainer_rewrites"] else scale
         kept = per_block * depth
         if config.gradient_checkpointing and depth:
             kept = per_block + depth * v["block_output_bytes_per_row"] * v["rows"]
-        activations = scale * (head + kept) + adapter_kept + rates["resident_per_backward_byte"] * adapter_backward
+        activations = head_scale * head + scale * kept + adapter_kept \
+            + rates["resident_per_backward_byte"] * adapter_backward
     cache_row = v["block_output_bytes_per_row"] if cached else 0
     cache_fit = cache_row * (rows["train"] + rows["validation"])
     train_phase = fixed + cache_fit + gradients + adam + activations + copies
     eval_rows = min(EVAL_BATCH_SIZE, max(rows["validation"], rows["test"]))  # the largest evaluation batch
-    eval_phase = fixed + cache_fit + cache_row * rows["test"] + adam + v["evaluation"]["peak_bytes"] * eval_rows / v["rows"]
+    # the bfloat16 copies are released after the last step, but each epoch's validation runs with them
+    eval_phase = fixed + cache_fit + cache_row * rows["test"] + adam + copies \
+        + v["evaluation"]["peak_bytes"] * eval_rows / v["rows"]
     return {"peak_bytes": max(train_phase, eval_phase), "train_phase_bytes": train_phase,
             "eval_phase_bytes": eval_phase, "process_bytes": fixed, "prefix_cache_bytes": cache_fit + cache_row * rows["test"],
             "gradients_bytes": gradients, "adam_bytes": adam, "activations_bytes": activations,

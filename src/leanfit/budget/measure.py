@@ -379,7 +379,7 @@ def layer_specs(model: nn.Module, batch: dict, first_block: nn.Module) -> dict[s
             group = inputs.setdefault(id(x), (name, x))[0]  # x kept alive: ids stay unique
             kind = layer_kind(module)
             spec = {"kind": kind, "input_per_row": list(x.shape[1:]) if x.shape[0] == rows else [int(x.numel() // rows)],
-                    "input_group": group, "before_blocks": not started}
+                    "input_group": group, "before_blocks": not started, "order": len(specs)}
             if kind == EMBEDDING:
                 spec.update(num=module.num_embeddings, dim=module.embedding_dim, padding_idx=module.padding_idx)
             elif kind == CONV2D:
