@@ -142,10 +142,15 @@ def test_an_adapted_layer_keeps_its_base_dtype_under_autocast(method):
         if p.requires_grad:
             torch.nn.init.normal_(p, 1.0, 0.1)
     x = torch.randn(4, 16)
+    host = layer[0]
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = layer(x)
-        full, base = layer(x), layer[0].base_layer(x)
+            base_out = host.base_layer(x)
+            (adapter,) = host.adapters.values()
+            delta = adapter.delta(x, base_out, host.base_layer)
+        full, base = layer(x), host.base_layer(x)
     assert low.dtype == torch.bfloat16
+    assert delta.dtype == torch.bfloat16  # computed in it too: no mixed-dtype elementwise ops
     assert torch.allclose(low.float(), full, rtol=5e-2, atol=5e-2)  # the adapter still acts ...
     assert not torch.allclose(full, base, rtol=5e-2, atol=5e-2)  # ... and changes the output

@@ -59,7 +59,10 @@ def tensor_kwargs(base: nn.Module) -> dict:
 
 
 def channel_view(vector: torch.Tensor, base: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """Shape a per-output-channel vector so it broadcasts against the base layer's output."""
+    """Shape a per-output-channel vector so it broadcasts against the base layer's output, in its dtype:
+    under bfloat16 autocast a float32 vector would make each elementwise op a mixed-dtype one (slower
+    on a CPU) with a float32 result (twice the bytes)."""
+    vector = vector.to(out.dtype)
     if layer_kind(base) == CONV2D:
         return vector.view(1, -1, *([1] * (out.dim() - 2)))
     return vector
