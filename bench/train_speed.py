@@ -24,18 +24,20 @@ from results import environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks"
-# leanfit's policies per task: "leanfit" is what `leanfit tune` picks by default, the others are options
-# measured beside it (see docs/lean-training.md).
+# leanfit's policies per task: "leanfit" is what `leanfit tune` picks by default (steps in bfloat16 where
+# the hardware has it natively, else float32), the others are options measured beside it (docs/lean-training.md).
 POLICIES = {
-    "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False},
-            "leanfit-bf16": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False,
-                             "precision": "bf16"},
-            "leanfit-top1": {"train_layers": 1, "prefix": "cache", "lr": 2e-3, "block_dropout": False},
-            "leanfit-block-dropout": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": True}},
-    # On a causal LM the default adapts every block (the top third cost perplexity: docs/lean-training.md).
-    "austen": {"leanfit": {"train_layers": None, "prefix": "off", "lr": 2e-3},
-               "leanfit-bf16": {"train_layers": None, "prefix": "off", "lr": 2e-3, "precision": "bf16"},
-               "leanfit-bf16-top25": {"train_layers": 25, "prefix": "cache", "lr": 2e-3, "precision": "bf16"}},
+    "bbc": {"leanfit": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False, "precision": "auto"},
+            "leanfit-fp32": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": False,
+                             "precision": "fp32"},
+            "leanfit-top1": {"train_layers": 1, "prefix": "cache", "lr": 2e-3, "block_dropout": False,
+                             "precision": "auto"},
+            "leanfit-block-dropout": {"train_layers": 2, "prefix": "cache", "lr": 1e-3, "block_dropout": True,
+                                      "precision": "auto"}},
+    # On a causal LM the default adapts the top five sixths of the blocks (25 of SmolLM2's 30).
+    "austen": {"leanfit": {"train_layers": 25, "prefix": "cache", "lr": 2e-3, "precision": "auto"},
+               "leanfit-every-block": {"train_layers": None, "prefix": "off", "lr": 2e-3, "precision": "auto"},
+               "leanfit-fp32": {"train_layers": 25, "prefix": "cache", "lr": 2e-3, "precision": "fp32"}},
 }
 # The references: peft as its examples train (float32), and peft with its forwards under bfloat16 autocast
 # (what HF Trainer's bf16=True does), so that what leanfit gains beyond bfloat16 itself is seen.
@@ -91,7 +93,7 @@ def render(results: dict) -> str:
         for name, r in s.items():
             m = r[metric]
             shown = (f"{100 * m['median']:.2f}%" if metric == "accuracy" else f"{m['median']:.2f}")
-            lines.append(f"| {name} | {_policy(block['policies'].get(name))} | {r['trainable']:,} | "
+            lines.append(f"| {name} | {_policy(block['policies'].get(name), r)} | {r['trainable']:,} | "
                          f"{r['train_s']['median']:.0f} ({r['train_s']['min']:.0f}-{r['train_s']['max']:.0f}) | "
                          f"{r['epoch_s']['median']:.0f} | {r['tokens_per_s']['median']:.0f} | "
                          f"{_rss(r)} | {shown} |")
@@ -99,7 +101,7 @@ def render(results: dict) -> str:
         lines.append("")
         for name, lean in s.items():
             if name != "peft":
-                low = (block["policies"].get(name) or {}).get("precision") == "bf16" and "peft-bf16" in s
+                low = _precision(block["policies"].get(name), lean) == "bf16" and "peft-bf16" in s
                 against_low = (f"; against peft-bf16: tokens/s "
                                f"{lean['tokens_per_s']['median'] / s['peft-bf16']['tokens_per_s']['median']:.2f}x"
                                if low and name != "peft-bf16" else "")
@@ -133,10 +135,19 @@ def _verdict(metric: str, lean: dict, peft: dict) -> str:
     return "targets: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in checks.items())
 
 
-def _policy(p):
-    low = ", bf16" if (p or {}).get("precision") == "bf16" else ""
+def _precision(p: dict | None, summary: dict) -> str:
+    """The steps' precision: "auto" as the trainer resolved it on this machine (its policy info)."""
+    asked = (p or {}).get("precision", "fp32")
+    return (summary.get("policy") or {}).get("precision", asked) if asked == "auto" else asked
+
+
+def _policy(p, summary):
+    precision = _precision(p, summary)
+    low = "" if precision == "fp32" else f", {'auto: ' if (p or {}).get('precision') == 'auto' else ''}{precision}"
     if not p or "lr" not in p:
         return f"LoRA r=8 on every linear layer, lr 5e-4 constant{low and ', bf16 autocast'}"
+    if precision == "fp32" and p.get("precision") == "auto":
+        low = ", auto: fp32"
     layers = f"top {p['train_layers']} blocks" if p.get("train_layers") else "every block"
     dropout = {False: ", blocks' dropout off", True: ", blocks' dropout on"}.get(p.get("block_dropout"), "")
     return f"LoRA r=8, {layers}, prefix {p.get('prefix', 'off')}{dropout}{low}, lr {p['lr']:g} linear decay"

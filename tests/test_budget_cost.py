@@ -24,6 +24,7 @@ from leanfit.cli import main
 from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, TensorSplits
 from leanfit.methods import config_from_dict, method_names, module_class
 from leanfit.methods.base import SHARED
+from leanfit.train.precision import resolve
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -306,11 +307,11 @@ def test_plan_prints_a_table_and_json_before_any_training(local_run, capsys):
     assert main([str(a) for a in plan_args(local_run, "--train-layers", "1")]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    assert "steps in fp32" in out
+    assert f"steps in {resolve('auto', torch.device('cpu'))}" in out  # the default: bf16 where this CPU has it
     for row in ("trainable parameters", "adapter file", "peak memory", "training step", "training run",
                 "inference latency"):
         assert row in out
-    assert main([str(a) for a in plan_args(local_run, "--train-layers", "1", "--json")]) == 0
+    assert main([str(a) for a in plan_args(local_run, "--train-layers", "1", "--json", "--precision", "fp32")]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert planned["config"]["train_layers"] == "1" and planned["steps"] > 0
     assert f"{planned['trainable_params']:,}" in out

@@ -19,9 +19,9 @@ def tiny_bert(seed=0, layers=4):
     return BertForSequenceClassification(config)
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed=0, layers=4):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(config)
 
@@ -111,10 +111,12 @@ def test_top_k_selection_adapts_only_the_top_blocks():
         below_top_k(model, 5)
 
 
-def test_auto_adapts_the_top_third_of_an_encoder_and_every_block_of_a_causal_lm():
+def test_auto_adapts_the_top_third_of_an_encoder_and_five_sixths_of_a_causal_lm():
     from leanfit.tune import top_layers
     assert top_layers(tiny_bert(layers=6), "auto") == 2
-    assert top_layers(tiny_llama(), "auto") is None  # every block: the top third costs perplexity on LMs
+    assert top_layers(tiny_bert(layers=30), "auto") == 10
+    # the top third costs a causal LM perplexity: it gets the top five sixths, rounded up
+    assert top_layers(tiny_llama(layers=30), "auto") == 25 and top_layers(tiny_llama(), "auto") == 4
     assert top_layers(tiny_llama(), 3) == 3 and top_layers(tiny_bert(), "all") is None
 
 
@@ -125,7 +127,7 @@ def test_default_learning_rates_follow_the_method_the_policy_and_the_task():
     assert TuneConfig(method="full").learning_rate(IMAGE_CLASSIFICATION) == 5e-4  # CNNs want a larger step
     assert TuneConfig(method="full", lr=0.1).learning_rate(IMAGE_CLASSIFICATION) == 0.1
     assert TuneConfig(method="lora").learning_rate() == 1e-3  # top blocks only
-    assert TuneConfig(method="lora").learning_rate(CAUSAL_LM) == 2e-3  # a causal LM, every block
+    assert TuneConfig(method="lora").learning_rate(CAUSAL_LM) == 2e-3  # a causal LM
     assert TuneConfig(method="lora", train_layers="all").learning_rate() == 5e-4
     assert TuneConfig(method="adalora").learning_rate() == 2e-2  # slow-starting parametrisations: larger steps
 

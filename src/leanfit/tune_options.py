@@ -52,7 +52,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     lean = parser.add_argument_group("lean training")
     lean.add_argument("--train-layers", dest="train_layers", metavar="K",
                       help="adapt only the top K blocks (the rest is a frozen prefix); 'auto' (default): the top "
-                           "third, every block for a causal LM; 'all': every block")
+                           "third, the top five sixths for a causal LM; 'all': every block")
     lean.add_argument("--prefix", choices=["off", "eval", "cache"],
                       help="frozen prefix: off, eval (no dropout below the trained blocks), cache (computed once)")
     lean.add_argument("--lisa-layers", dest="lisa_layers", type=int, metavar="N", help="LISA: train N sampled blocks")
@@ -62,8 +62,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                       help="keep the base model's dropout inside its blocks while training (off by default: "
                            "faster on CPU at the same accuracy; see docs/lean-training.md)")
     lean.add_argument("--precision", choices=["fp32", "bf16", "auto"],
-                      help="training steps' matrix products: fp32 (default), bf16 (bfloat16 autocast; weights, "
-                           "adapters and evaluation stay float32), auto (bf16 where the hardware has it natively)")
+                      help="training steps' matrix products: auto (default: bf16 where the hardware has it "
+                           "natively, else fp32), bf16 (bfloat16 autocast; weights, adapters and evaluation stay "
+                           "float32), fp32")
     lean.add_argument("--int8-base", dest="int8_base", action="store_true", default=None,
                       help="store the frozen base's linear weights in int8")
 
