@@ -14,7 +14,7 @@ medians over rounds are compared:
   active vs deactivated, alternating, 7 repetitions after a warm-up, ratio of medians.
 Rows are subsets (stated in the output) so the whole run stays short; 2 threads.
 
-    .venv/bin/python bench/cost_model.py            # full: ~8 minutes on 2 quiet cores
+    .venv/bin/python bench/cost_model.py            # full: ~17 minutes on 2 quiet cores
     .venv/bin/python bench/cost_model.py --quick    # smoke run: two small MiniLM cases
 Writes docs/benchmarks/cost_model.md and .json.
 """
