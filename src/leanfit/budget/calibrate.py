@@ -165,7 +165,7 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     low_n, high_n = (min(n, len(blocks)) for n in TRAINED_BLOCKS)
     cut, fused = _trainer_rewrites(model, batch)
     no_kv_cache = NoKVCache.plan(model)  # the trainer runs a decoder without its key/value cache
-    rewrites = [part for part in (cut, fused, no_kv_cache) if part is not None]
+    rewrites = _present(cut, fused, no_kv_cache)
     dropout_off = BlockDropoutOff(model)  # `leanfit tune` trains without the blocks' dropout by default
     adapters_run = [*rewrites, dropout_off]
     values = {
@@ -173,7 +173,7 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
         "block_output_bytes_per_row": _block_output_bytes(model, blocks[-1], one), "layers": layers, "heads": heads,
         "first_read_share": _first_read_share(layers, f"{found[0]}.0."),
         "inference": measure.profile_inference(model, batch),  # the whole model, as it serves
-        "trainer_rewrites": [type(part).__name__ for part in (cut, fused) if part is not None],
+        "trainer_rewrites": [type(part).__name__ for part in _present(cut, fused)],
     }
     with _applied(adapters_run):  # training with adapters and evaluation, as the trainer runs them
         values.update({
@@ -188,7 +188,7 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
             on = measure.profile_train_step(model, batch, high_n, heads, weights=False, precision=precision)
         values["dropout_block_s"] = max(0.0, on["step_s"] - values["train_high"]["step_s"]) / high_n
     # full fine-tuning trains the output layer: the final block cut, no fused loss
-    with _applied([part for part in (cut, no_kv_cache, dropout_off) if part is not None]):
+    with _applied(_present(cut, no_kv_cache, dropout_off)):
         values["full"] = measure.profile_train_step(model, batch, len(blocks), heads, weights=True,
                                                     precision=precision)
     values.update({
@@ -214,6 +214,11 @@ def _trainer_rewrites(model: nn.Module, batch: dict) -> tuple:
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
+
+
+def _present(*parts) -> list:
+    """The rewrites and switches that apply to this model (None: one that does not)."""
+    return [part for part in parts if part is not None]
 
 
 @contextmanager

@@ -192,10 +192,11 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
     cached = config.prefix == "cache" and config.method != "full" and lowest not in (None, 0) and not below_learns
     depth = _lisa_depth(blocks, in_blocks, config.lisa_layers) if config.lisa_layers else in_blocks
     inference, high = v["inference"], v["train_high"]
+    precision = calibration.key.get("precision", "fp32")  # the steps' (a float32 key names none)
     # a block of the frozen prefix in a training step: an eval forward, float32 as inference runs it;
     # in a bf16 calibration, as measured below the trained blocks of its bfloat16 steps (where it had any)
     frozen_block_s = inference["block_s"]
-    if calibration.key.get("precision") == "bf16" and high["prefix_block_s"]:
+    if precision == "bf16" and high["prefix_block_s"]:
         frozen_block_s = high["prefix_block_s"]
 
     # one optimizer step
@@ -244,7 +245,7 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
                 + adapters_infer / config.batch_size)
     validation_s = config.epochs * rows["validation"] * eval_row
     # a bf16 run's bfloat16 copies of the frozen Linear weights, held while it trains (train/precision.py)
-    copies = copy_bytes(adapted, [p for _, p in trainable]) if calibration.key.get("precision") == "bf16" else 0
+    copies = copy_bytes(adapted, [p for _, p in trainable]) if precision == "bf16" else 0
     memory = _memory(config, shape, calibration, source, params, len(trainable) and trainable[0][1].element_size(),
                      depth, cached, work["kept_bytes"], work["backward_bytes"] * graph_share, scale, copies)
     first_step = memory["activations_bytes"] * v["page_fault_s_per_byte"]  # faults in new memory, once
@@ -262,7 +263,7 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
         "policy": {"blocks": blocks, "trained_blocks": depth, "prefix_cached": cached, "adapted_layers": len(layers),
                    "trainable_tensors": len(trainable), "calibration_rows": v["rows"], "batch_size": config.batch_size,
                    "seq_len": config.max_length, "rows": rows,
-                   "precision": calibration.key.get("precision", "fp32")},
+                   "precision": precision},
         "calibration": str(calibration.path) if calibration.path else None,
     }
     return CostEstimate(params, built["total_params"], built["adapter_bytes"], int(memory["peak_bytes"]), step,
