@@ -5,7 +5,8 @@ CONTENDER: peft (Hugging Face PEFT LoRA, a plain PyTorch loop as in shared/ancho
            POLICY {"precision": "bf16"}: its forwards under torch.autocast bfloat16, as HF Trainer's bf16=True)
            | leanfit (leanfit tune's default policy) | leanfit-all (leanfit, LoRA on every layer, no policy)
 TASK: bbc (MiniLM, bbc-news) | austen (SmolLM2-135M, Austen subset)
-Both contenders get the same tokenised rows (leanfit's split), model, batch, length, epochs and seed.
+Both contenders get the same tokenised rows (leanfit's split), model, batch, length, epochs and seed
+(POLICY's "seed", 0 by default: the split, the adapter's initialisation and the data order).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ TASKS = {
 }
 
 
-def load(task: dict):
-    dataset = lf.zoo.dataset(task["data"], seed=0)
+def load(task: dict, seed: int):
+    dataset = lf.zoo.dataset(task["data"], seed=seed)
     labels = len(dataset.labels) if dataset.labels else None
-    model, tokenizer = lf.zoo.model(task["model"], task=dataset.task, num_labels=labels, seed=0)
+    model, tokenizer = lf.zoo.model(task["model"], task=dataset.task, num_labels=labels, seed=seed)
     return dataset, model, tokenizer
 
 
@@ -64,7 +65,7 @@ def run_peft(task, dataset, model, tokenizer, policy: dict) -> dict:
     for epoch in range(task["epochs"]):
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(policy.get("seed", 0) * 1000 + epoch))
         for i in range(0, n, task["batch_size"]):
             idx = order[i: i + task["batch_size"]]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):  # as HF Trainer's bf16=True
@@ -98,7 +99,7 @@ def run_leanfit(task, dataset, model, tokenizer, policy: dict) -> dict:
     trainer = Trainer(model, data, epochs=task["epochs"], batch_size=task["batch_size"], lr=policy["lr"] or 5e-4,
                       schedule=policy.get("schedule", "linear"), prefix=policy.get("prefix", "off"),
                       block_dropout=policy.get("block_dropout", False),  # as leanfit tune
-                      precision=policy.get("precision", "fp32"),
+                      precision=policy.get("precision", "fp32"), seed=policy.get("seed", 0),
                       progress=False, on_step=on_step)
     trainer.fit()
     train_s = time.perf_counter() - started
@@ -120,10 +121,11 @@ def main() -> None:
     contender, task_name, out = sys.argv[1], sys.argv[2], sys.argv[3]
     policy = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
     torch.set_num_threads(torch.get_num_threads())
-    torch.manual_seed(0)
+    seed = policy.get("seed", 0)
+    torch.manual_seed(seed)
     task = TASKS[task_name]
-    dataset, model, tokenizer = load(task)
-    torch.manual_seed(0)
+    dataset, model, tokenizer = load(task, seed)
+    torch.manual_seed(seed)
     if contender == "peft":
         result = run_peft(task, dataset, model, tokenizer, policy)
     else:
