@@ -194,6 +194,30 @@ def test_the_final_block_is_calibrated_as_the_trainer_runs_it_and_priced_apart(c
     assert all(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # and has it still
 
 
+def test_the_trainers_planning_before_its_first_step_is_priced_in_the_fit(calibrated):
+    model, data, calibration, cache = calibrated
+    assert set(calibration.values["plan_s"]) == {"head_rows", "fused_loss"}  # timed as the calibration plans them
+    assert calibration.values["plan_s"]["head_rows"] > 0  # a [CLS] classifier checks its cut final block
+    # Set figures: the rewrites' checks take 1 s and 2 s; a 2-row eval forward, 0.1 s at the entry, 0.2 s a block.
+    values = copy.deepcopy(calibration.values)
+    values["plan_s"] = {"head_rows": 1.0, "fused_loss": 2.0}
+    values["inference"].update(entry_s=0.1 * values["rows"] / 2, block_s=0.2 * values["rows"] / 2)
+    fixed = type(calibration)(calibration.key, values)
+
+    def run(**changes):
+        return estimate(config(**changes), model, fixed, data=data, cache_dir=cache).breakdown["run"]
+
+    assert run(prefix="off")["plan_s"] == pytest.approx(3.0)
+    # the prefix below the top block (3 of 4) is located by two forwards: to block 0, and to block 3
+    cached = run(prefix="cache", train_layers=1)
+    assert cached["plan_s"] == pytest.approx(3.0 + 2 * 0.1 + 3 * 0.2)
+    assert run(prefix="cache", train_layers="all")["plan_s"] == pytest.approx(3.0)  # nothing frozen to locate
+    # full fine-tuning trains the output layer, so the fused loss's check stops before any forward
+    assert run(method="full", prefix="off")["plan_s"] == pytest.approx(1.0)
+    whole = estimate(config(prefix="cache", train_layers=1), model, fixed, data=data, cache_dir=cache)
+    assert whole.train_seconds == pytest.approx(sum(v for k, v in whole.breakdown["run"].items() if k != "test_eval_s"))
+
+
 def test_a_causal_lm_is_calibrated_with_its_loss_fused_as_the_trainer_trains_it(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from ..io import atomic_write_bytes
 from ..train.kv_cache import NoKVCache
 from . import machine, measure
 
-VERSION = 8  # bumped when what a calibration holds changes
+VERSION = 9  # bumped when what a calibration holds changes
 CALIBRATION_FLOPS = 1.6e11  # matmul FLOPs of one forward at the calibration batch (~2 s on 2 cores)
 TRAINED_BLOCKS = (1, 3)  # the two training steps whose difference gives the per-block peak
 REFERENCE_RANK = 8
@@ -163,8 +164,9 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     batch = measure.synthetic_batch(model, rows, seq_len, task)
     heads = task_heads(model)
     low_n, high_n = (min(n, len(blocks)) for n in TRAINED_BLOCKS)
-    cut, fused = _trainer_rewrites(model, batch)
     no_kv_cache = NoKVCache.plan(model)  # the trainer runs a decoder without its key/value cache
+    with _applied(_present(no_kv_cache)):  # planned as the trainer plans them, once per fit
+        (cut, cut_s), (fused, fused_s) = _trainer_rewrites(model, batch)
     rewrites = _present(cut, fused, no_kv_cache)
     dropout_off = BlockDropoutOff(model)  # `leanfit tune` trains without the blocks' dropout by default
     adapters_run = [*rewrites, dropout_off]
@@ -174,6 +176,8 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
         "first_read_share": _first_read_share(layers, f"{found[0]}.0."),
         "inference": measure.profile_inference(model, batch),  # the whole model, as it serves
         "trainer_rewrites": [type(part).__name__ for part in _present(cut, fused)],
+        # their checks on 2 rows, which the trainer runs before its first step
+        "plan_s": {"head_rows": cut_s, "fused_loss": fused_s},
     }
     with _applied(adapters_run):  # training with adapters and evaluation, as the trainer runs them
         values.update({
@@ -200,17 +204,21 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
     return values
 
 
-def _trainer_rewrites(model: nn.Module, batch: dict) -> tuple:
+def _trainer_rewrites(model: nn.Module, batch: dict) -> list[tuple]:
     """The exact rewrites the trainer plans for this model once adapters have frozen its base (None
-    where one does not apply): the final block cut to the positions the head reads
-    (train/head_rows.py), and a causal LM's loss fused with its output layer (train/lm_loss.py)."""
+    where one does not apply), each with the seconds its plan took: the final block cut to the positions
+    the head reads (train/head_rows.py), and a causal LM's loss fused with its output layer (train/lm_loss.py)."""
     from ..train.head_rows import HeadRows
     from ..train.lm_loss import FusedLMLoss
     sample = {k: v[:2] for k, v in batch.items() if k != "labels"}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     try:
-        return HeadRows.plan(model, sample), FusedLMLoss.plan(model, sample)
+        planned = []
+        for plan in (HeadRows.plan, FusedLMLoss.plan):
+            started = time.perf_counter()
+            planned.append((plan(model, sample), time.perf_counter() - started))
+        return planned
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])

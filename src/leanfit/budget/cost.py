@@ -48,7 +48,7 @@ class CostEstimate:
     adapter_bytes: int  # exact: bytes of adapter.safetensors (trained tensors for full / probe)
     train_peak_bytes: int  # estimated peak resident memory of the training process
     step_seconds: float  # estimated seconds per optimizer step (forward, backward, AdamW)
-    train_seconds: float  # estimated whole fit: prefix cache build + epochs x steps + validations
+    train_seconds: float  # estimated whole fit: planning + prefix cache build + epochs x steps + validations
     inference_latency_ratio: float  # estimated forward time with the unmerged adapter / base model's
     steps: int = 0  # optimizer steps of the run
     breakdown: dict = field(default_factory=dict)  # the parts each estimate adds up from
@@ -249,13 +249,19 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
     memory = _memory(config, shape, calibration, source, params, len(trainable) and trainable[0][1].element_size(),
                      depth, cached, work["kept_bytes"], work["backward_bytes"] * graph_share, scale, copies)
     first_step = memory["activations_bytes"] * v["page_fault_s_per_byte"]  # faults in new memory, once
-    train_s = build_s + steps * step + first_step + validation_s
+    # before it builds the cache, the trainer plans: its exact rewrites check themselves on 2 rows (timed in
+    # the calibration; the fused loss only while the output layer is frozen), and a prefix is located by two
+    # 2-row forwards stopping at blocks 0 and k (train/prefix_cache.py)
+    locate_s = (2 * inference["entry_s"] + lowest * inference["block_s"]) * 2 / v["rows"] \
+        if config.prefix != "off" and lowest else 0.0
+    plan_s = v["plan_s"]["head_rows"] + (v["plan_s"]["fused_loss"] if config.method != "full" else 0.0) + locate_s
+    train_s = plan_s + build_s + steps * step + first_step + validation_s
 
     base_forward = scale * (inference["entry_s"] + blocks * inference["block_s"] + inference["head_s"])
     ratio = (base_forward + adapters_infer) / base_forward
     breakdown = {
         "step": {"passes_s": passes, "adapters_s": adapters_train, "optimizer_s": optimizer},
-        "run": {"prefix_cache_build_s": build_s, "steps_s": steps * step, "first_step_extra_s": first_step,
+        "run": {"plan_s": plan_s, "prefix_cache_build_s": build_s, "steps_s": steps * step, "first_step_extra_s": first_step,
                 "validation_s": validation_s,
                 "test_eval_s": rows["test"] * eval_row},
         "memory": memory,
