@@ -188,6 +188,10 @@ def main(argv: list[str]) -> None:
     tasks = [a for a in argv if a in POLICIES] or list(POLICIES)
     # a subset of the contenders (peft always among them: every ratio is against it), for more rounds in the time
     chosen = set(argv[argv.index("--contenders") + 1].split(",")) | {"peft"} if "--contenders" in argv else None
+    known = set(REFERENCES).union(*POLICIES.values())
+    if chosen and chosen - known:
+        raise SystemExit(f"Unknown contenders {', '.join(sorted(chosen - known))}; "
+                         f"choose among {', '.join(sorted(known))}.")
     import peft
     path = OUT / "train_speed.json"
     results = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
@@ -198,9 +202,13 @@ def main(argv: list[str]) -> None:
     for task in tasks:
         contenders = {n: p for n, p in {**REFERENCES, **POLICIES[task]}.items() if chosen is None or n in chosen}
         if seeds:
+            if task not in results["tasks"]:
+                raise SystemExit(f"{task} has no seed-0 rounds in {path} to add seeds to; "
+                                 "run them first (without --seeds).")
             others = results["tasks"][task].setdefault("seeds", {})
             for seed in seeds:
-                others[str(seed)] = {name: run(name, task, {**policy, "seed": seed}) for name, policy in contenders.items()}
+                others[str(seed)] = {name: run(name, task, {**policy, "seed": seed})
+                                     for name, policy in contenders.items()}
                 write(results)
             continue
         runs = {name: [] for name in contenders}
@@ -213,9 +221,11 @@ def main(argv: list[str]) -> None:
 
 
 def write(results: dict) -> None:
+    """After every task (and seed), atomically: a long run stopped midway keeps what it measured."""
+    from leanfit.io import atomic_write_bytes
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "train_speed.json").write_text(json.dumps(results, indent=2) + "\n")
-    (OUT / "train_speed.md").write_text(render(results))
+    atomic_write_bytes(OUT / "train_speed.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_bytes(OUT / "train_speed.md", render(results).encode())
 
 
 if __name__ == "__main__":

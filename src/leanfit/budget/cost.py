@@ -261,8 +261,8 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
     ratio = (base_forward + adapters_infer) / base_forward
     breakdown = {
         "step": {"passes_s": passes, "adapters_s": adapters_train, "optimizer_s": optimizer},
-        "run": {"plan_s": plan_s, "prefix_cache_build_s": build_s, "steps_s": steps * step, "first_step_extra_s": first_step,
-                "validation_s": validation_s,
+        "run": {"plan_s": plan_s, "prefix_cache_build_s": build_s, "steps_s": steps * step,
+                "first_step_extra_s": first_step, "validation_s": validation_s,
                 "test_eval_s": rows["test"] * eval_row},
         "memory": memory,
         "adapters": work,
