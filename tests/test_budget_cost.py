@@ -8,6 +8,7 @@ and two threads then wait on each other for every tiny op), so they take about a
 import copy
 import csv
 import json
+import statistics
 
 import pytest
 import safetensors.torch
@@ -216,6 +217,29 @@ def test_the_trainers_planning_before_its_first_step_is_priced_in_the_fit(calibr
     assert run(method="full", prefix="off")["plan_s"] == pytest.approx(1.0)
     whole = estimate(config(prefix="cache", train_layers=1), model, fixed, data=data, cache_dir=cache)
     assert whole.train_seconds == pytest.approx(sum(v for k, v in whole.breakdown["run"].items() if k != "test_eval_s"))
+
+
+def test_every_time_is_the_median_of_three_passes_and_memory_comes_from_the_first(calibrated):
+    _, _, calibration, _ = calibrated
+    values = calibration.values
+    passes = values["timing_passes"]
+    assert set(passes) == {"train_low", "train_high", "full", "evaluation", "inference"}
+    for part, readings in passes.items():
+        assert len(readings) == 3
+        assert "step_s" in readings[0] or "total_s" in readings[0]
+        for key in readings[0]:
+            assert values[part][key] == statistics.median(r[key] for r in readings), (part, key)
+    # the later passes read no memory: the peaks and kept bytes are the first pass's
+    assert values["train_high"]["peak_bytes"] is not None and values["train_high"]["block_saved_bytes"] > 0
+    assert values["evaluation"]["peak_bytes"] is not None
+
+
+def test_median_times_takes_each_times_median_and_the_first_passs_other_readings():
+    from leanfit.budget.measure import median_times
+    passes = [{"step_s": 3.0, "head_s": 0.1, "peak_bytes": 10}, {"step_s": 1.0, "head_s": 0.3, "peak_bytes": None},
+              {"step_s": 2.0, "head_s": 0.2}]
+    assert median_times([passes[0], *({k: v for k, v in p.items() if k.endswith("_s")} for p in passes[1:])]) == \
+        {"step_s": 2.0, "head_s": 0.2, "peak_bytes": 10}
 
 
 def test_a_causal_lm_is_calibrated_with_its_loss_fused_as_the_trainer_trains_it(tmp_path):

@@ -16,6 +16,9 @@ activation memory scale linearly in rows):
 - a full fine-tuning step, an evaluation batch, AdamW's seconds per parameter and per tensor,
   and what a byte of memory fresh from the OS costs to touch (a run's first step faults in its
   activations);
+- every timed part (the forward, the steps, the evaluation) twice more, later in the calibration,
+  keeping each time's median over the three passes (`timing_passes` holds them): one pass takes a
+  few seconds, and a slow spell of the machine in it moved the step estimates by up to 26%;
 - per data set, on first use: a fresh `leanfit tune` process's resident bytes before its first step
   (machine.py, a child process).
 
@@ -43,7 +46,7 @@ from ..io import atomic_write_bytes
 from ..train.kv_cache import NoKVCache
 from . import machine, measure
 
-VERSION = 9  # bumped when what a calibration holds changes
+VERSION = 10  # bumped when what a calibration holds changes
 CALIBRATION_FLOPS = 1.6e11  # matmul FLOPs of one forward at the calibration batch (~2 s on 2 cores)
 TRAINED_BLOCKS = (1, 3)  # the two training steps whose difference gives the per-block peak
 REFERENCE_RANK = 8
@@ -179,28 +182,43 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
         # their checks on 2 rows, which the trainer runs before its first step
         "plan_s": {"head_rows": cut_s, "fused_loss": fused_s},
     }
-    with _applied(adapters_run):  # training with adapters and evaluation, as the trainer runs them
-        values.update({
-            "train_low": measure.profile_train_step(model, batch, low_n, heads, weights=False, precision=precision),
-            "train_high": measure.profile_train_step(model, batch, high_n, heads, weights=False, precision=precision),
-            "evaluation": measure.profile_evaluation(model, batch, task),
-        })
+
+    def timed_parts(memory: bool) -> dict:
+        with _applied(adapters_run):  # training with adapters and evaluation, as the trainer runs them
+            parts = {
+                "train_low": measure.profile_train_step(model, batch, low_n, heads, weights=False,
+                                                        precision=precision, memory=memory),
+                "train_high": measure.profile_train_step(model, batch, high_n, heads, weights=False,
+                                                         precision=precision, memory=memory),
+                "evaluation": measure.profile_evaluation(model, batch, task, memory=memory),
+            }
+        # full fine-tuning trains the output layer: the final block cut, no fused loss
+        with _applied(_present(cut, no_kv_cache, dropout_off)):
+            parts["full"] = measure.profile_train_step(model, batch, len(blocks), heads, weights=True,
+                                                       precision=precision, memory=memory)
+        return parts
+
+    values.update(timed_parts(memory=True))
     # what the blocks' dropout adds to each trained block (`--block-dropout`), where the model has any
     values["dropout_block_s"] = 0.0
     if dropout_off.modules:
         with _applied(rewrites):
             on = measure.profile_train_step(model, batch, high_n, heads, weights=False, precision=precision)
         values["dropout_block_s"] = max(0.0, on["step_s"] - values["train_high"]["step_s"]) / high_n
-    # full fine-tuning trains the output layer: the final block cut, no fused loss
-    with _applied(_present(cut, no_kv_cache, dropout_off)):
-        values["full"] = measure.profile_train_step(model, batch, len(blocks), heads, weights=True,
-                                                    precision=precision)
+    values["reference"] = _reference(model, batch, high_n, heads, fingerprint, layers, adapters_run, precision)
+    # each part timed again, later, twice: one pass takes a few seconds, in one spell of the machine's speed
+    passes = [timed_parts(memory=False) | {"inference": measure.profile_inference(model, batch)}]
     values.update({
-        "reference": _reference(model, batch, high_n, heads, fingerprint, layers, adapters_run, precision),
         "optimizer": machine.optimizer_rates(), "op_s": machine.op_seconds(),
         "page_fault_s_per_byte": machine.page_fault_seconds(),
         "model_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
     })
+    passes.append(timed_parts(memory=False) | {"inference": measure.profile_inference(model, batch)})
+    values["timing_passes"] = {part: [{k: v for k, v in p.items() if k.endswith("_s")}
+                                      for p in (values[part], *(later[part] for later in passes))]
+                               for part in passes[0]}
+    for part, readings in values["timing_passes"].items():
+        values[part] = measure.median_times([values[part], *readings[1:]])
     return values
 
 

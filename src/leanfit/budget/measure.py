@@ -4,14 +4,15 @@ extra time of one adapted layer. Each returns plain numbers (seconds, bytes); ca
 
 Peak memory is read from the operating system (VmHWM, reset through /proc/self/clear_refs, after
 handing freed heap back with malloc_trim), so it is what a process's peak RSS sees, not a count of
-live tensors. Timings are medians of a few repetitions after a warm-up.
+live tensors. Timings are medians of a few repetitions after a warm-up; `memory=False` re-times a
+step without its memory readings, so a calibration can time each part again later (median_times).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -173,13 +174,13 @@ def _saved_bytes_per_block(model: nn.Module, blocks: list[nn.Module]):
 
 
 def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[str], weights: bool | None,
-                       precision: str = "fp32") -> dict:
+                       precision: str = "fp32", memory: bool = True) -> dict:
     """One training step where the top `trained` blocks learn (their weights if `weights`; else only
     input gradients flow, as when adapters sit inside them; None: the trainable flags as they are,
     e.g. with adapters), the task heads learn, and everything below runs as a frozen prefix (eval
     mode, no graph), in `precision` as the trainer runs it (train/precision.py; its bfloat16 weight
     copies are made in the warm-up step, so the peaks do not hold them). Returns per-part seconds
-    and bytes."""
+    and, if `memory`, bytes."""
     name, blocks = transformer_blocks(model)
     k = len(blocks) - trained
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -198,22 +199,25 @@ def profile_train_step(model: nn.Module, batch: dict, trained: int, heads: list[
         stamps = _Stamps(blocks, entry, k if trained else None)
         try:
             _step(model, batch, mixed)  # warm-up, outside the meters
-            with _saved_bytes_per_block(model, blocks) as saved:
-                first = _timed_step(model, batch, stamps, k, mixed)
-            peaks = []
-            for _ in range(PEAK_REPS):  # on their own steps: trimming the heap before a step slows it
-                with PeakMeter() as peak:
-                    _step(model, batch, mixed)
-                peaks.append(peak.bytes)
+            if memory:
+                with _saved_bytes_per_block(model, blocks) as saved:
+                    first = _timed_step(model, batch, stamps, k, mixed)
+                peaks = []
+                for _ in range(PEAK_REPS):  # on their own steps: trimming the heap before a step slows it
+                    with PeakMeter() as peak:
+                        _step(model, batch, mixed)
+                    peaks.append(peak.bytes)
             steady = [_timed_step(model, batch, stamps, k, mixed) for _ in range(STEADY_REPS)]
         finally:
             stamps.remove()
             mixed.release()
+        # the median, as a run's step time is reported (the least of a few runs was 10-20% below it)
+        times = {key: statistics.median(r[key] for r in steady) for key in steady[0] if key != "grad_bytes"}
+        if not memory:
+            return times
         per_block_saved = {}
         for block_index, nbytes in saved.values():
             per_block_saved[block_index] = per_block_saved.get(block_index, 0) + nbytes
-        # the median, as a run's step time is reported (the least of a few runs was 10-20% below it)
-        times = {key: statistics.median(r[key] for r in steady) for key in first if key != "grad_bytes"}
         peak_bytes = None if None in peaks else statistics.median(peaks)
         return {**times, "peak_bytes": peak_bytes, "grad_bytes": first["grad_bytes"],
                 "block_saved_bytes": _mean([per_block_saved.get(i, 0) for i in range(k, len(blocks))]),
@@ -333,9 +337,10 @@ def profile_inference(model: nn.Module, batch: dict, reps: int = STEADY_REPS) ->
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def profile_evaluation(model: nn.Module, batch: dict, task: str, reps: int = STEADY_REPS) -> dict:
+def profile_evaluation(model: nn.Module, batch: dict, task: str, reps: int = STEADY_REPS,
+                       memory: bool = True) -> dict:
     """The trainer's evaluation of one batch (forward, loss and metrics from the logits): the median
-    seconds of `reps` runs after a warm-up, the head's share (after the last block), the peak."""
+    seconds of `reps` runs after a warm-up, the head's share (after the last block), the peak (if `memory`)."""
     from ..train.metrics import evaluate_split
     _, blocks = transformer_blocks(model)
     entry = entry_module(model, blocks, batch)
@@ -345,17 +350,28 @@ def profile_evaluation(model: nn.Module, batch: dict, task: str, reps: int = STE
     runs, peaks = [], []
     try:
         for _ in range(reps):
-            with PeakMeter() as peak:
+            with PeakMeter() if memory else nullcontext() as peak:
                 start = time.perf_counter()
                 evaluate_split(model, batch, task, rows)
                 end = time.perf_counter()
             runs.append({"total_s": end - start, "head_s": end - stamps.t[("fwd", len(blocks) - 1, 1)],
                          "final_block_s": stamps.forward(len(blocks) - 1)})
-            peaks.append(peak.bytes)
+            peaks.append(peak.bytes if memory else None)
     finally:
         stamps.remove()
-    return {**{k: statistics.median(r[k] for r in runs) for k in ("total_s", "head_s", "final_block_s")},
-            "peak_bytes": peaks[0]}  # the first run's, on memory just handed back (as a run's first evaluation)
+    times = {k: statistics.median(r[k] for r in runs) for k in ("total_s", "head_s", "final_block_s")}
+    # the first run's peak, on memory just handed back (as a run's first evaluation)
+    return {**times, "peak_bytes": peaks[0]} if memory else times
+
+
+def median_times(passes: list[dict]) -> dict:
+    """The first pass's readings with each time (a key ending in `_s`) replaced by its median over
+    the passes: one pass takes a few seconds, and this machine's speed drifts by 10-20% over minutes."""
+    merged = dict(passes[0])
+    for key in passes[0]:
+        if key.endswith("_s"):
+            merged[key] = statistics.median(p[key] for p in passes)
+    return merged
 
 
 def _mean(values: list[float]) -> float:
