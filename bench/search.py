@@ -1,8 +1,9 @@
 """Issue 5's search benchmark: `leanfit search` (multi-objective TPE) against Optuna's RandomSampler at
 the same number of trials, over the same space, budget and fidelity, on bbc-news and tweets-sentiment
 with MiniLM; then the best configuration under a 0.5% parameter budget trained in full (successive
-halving's last rung) and compared on the test split with LoRA r=8 on every linear layer
-(docs/benchmarks/results.json, same seed, split, 128 tokens, 3 epochs).
+halving's last rung) and compared on the test split with LoRA r=8 on every linear layer of every block,
+trained in the same run with the same settings (seed, split, 128 tokens, 3 epochs, precision, the
+blocks' dropout: `leanfit tune`'s defaults unless --precision says otherwise).
 
 Measured per (sampler, seed): the hypervolume of the search fidelity's Pareto front of
 (validation accuracy up, trainable-parameter share down) inside the budget, with the reference
@@ -50,6 +51,7 @@ from leanfit.budget.pareto import dominates, hypervolume_2d  # noqa: E402
 from leanfit.budget.search import SearchSettings, search, train_and_validate  # noqa: E402
 from leanfit.budget.space import SearchSpace  # noqa: E402
 from leanfit.io import atomic_save, atomic_write_bytes  # noqa: E402
+from leanfit.train.precision import resolve  # noqa: E402
 from leanfit.tune import TuneConfig  # noqa: E402
 
 OUT = ROOT / "docs" / "benchmarks"
@@ -57,7 +59,7 @@ RUNS = ROOT / "out" / "bench-search"
 BUDGET = "params=0.5%"
 SPACE = SearchSpace(methods=("lora", "ia3", "bottleneck", "ssf", "bitfit"), train_layers=(1, 2, 3, "all"),
                     targets=("all-linear", "attention"), ranks=(2, 4, 8, 16), lr_min=1e-4, lr_max=1e-2)
-# Per data set: the full run (as results.md's LoRA reference for bbc-news) and the search fidelity
+# Per data set: the full run (also the LoRA r=8 reference's, for bbc-news) and the search fidelity
 # (training rows, epochs, tokens, validation rows). bbc-news keeps its whole validation split (212 rows)
 # and cuts the test split, which the search never reads, to as many rows; the full run evaluates all 425
 # test rows. eta=6 takes the three most promising configurations straight from 256 rows to the full run,
@@ -118,13 +120,13 @@ def front_dominates(a: list, b: list) -> bool:
 
 
 PRICES: dict[str, dict] = {}  # cost estimates per data set, shared by its studies (same model and run shape)
+PRECISION = {"value": "auto"}  # every trial's and the reference's training precision (--precision)
 
 
 def run_study(data: str, task: dict, sampler: str, seed: int, memo: Memo, finalists: int):
     source = tweets_subset() if data == "tweets-sentiment" else data
-    # The blocks' dropout stays on, as in the LoRA r=8 reference run the 0.5% target compares with
-    # (docs/benchmarks/results.json) and in every search bench run so far; `leanfit tune` now turns it off.
-    base = TuneConfig(model="minilm", data=source, seed=0, block_dropout=True, **task["base"])
+    # `leanfit tune`'s defaults (the blocks' dropout off; bf16 where the hardware has it), as the reference
+    base = TuneConfig(model="minilm", data=source, seed=0, precision=PRECISION["value"], **task["base"])
     settings = SearchSettings(
         base=base, space=SPACE, budget=parse_budget(BUDGET), trials=task["trials"], sampler=sampler, seed=seed,
         search_rows=task["rows"], search_epochs=task["epochs"], search_max_length=task["length"],
@@ -138,7 +140,21 @@ def run_study(data: str, task: dict, sampler: str, seed: int, memo: Memo, finali
     return result, time.perf_counter() - started
 
 
+def reference_run(data: str, task: dict) -> dict:
+    """LoRA r=8 (alpha 16) on every linear layer of every block, trained in full with the search's own
+    full-run settings: the configuration the 0.5% target compares with."""
+    from leanfit.tune import run
+    output = RUNS / (f"{data}-quick" if task is QUICK else data) / "reference-lora-r8"
+    config = TuneConfig(model="minilm", data=data, seed=0, method="lora", options={"rank": 8, "alpha": 16.0},
+                        targets="all-linear", train_layers="all", prefix="off", precision=PRECISION["value"],
+                        output=str(output), progress=False, **task["base"])
+    report = run(config)
+    return {"test_accuracy": report["test"]["accuracy"], "trainable_share": report["trainable_share"],
+            "split_sizes": report["split_sizes"], "wall_s": report["wall_s"], "source": "trained in this run"}
+
+
 def reference_lora() -> dict | None:
+    """The foundation issue's LoRA r=8 run (results.json): the reference of runs before 2026-11-25."""
     path = OUT / "results.json"
     if not path.exists():
         return None
@@ -164,8 +180,10 @@ def bench_task(data: str, task: dict, memo: Memo) -> dict:
         tpe, rnd = by[("tpe", seed)], by[("random", seed)]
         tpe["dominates_other"] = front_dominates(tpe["points"], rnd["points"])
         rnd["dominates_other"] = front_dominates(rnd["points"], tpe["points"])
-    out = {"rows": rows, "trials": task["trials"], "seeds": list(task["seeds"]), "base": task["base"]}
+    out = {"rows": rows, "trials": task["trials"], "seeds": list(task["seeds"]), "base": task["base"],
+           "precision": resolve(PRECISION["value"], torch.device("cpu")), "block_dropout": TuneConfig().block_dropout}
     if task["finalists"]:  # successive halving on the seed-0 TPE study, up to the full run
+        out["reference"] = reference_run(data, task)
         result, elapsed = run_study(data, task, "tpe", task["seeds"][0], memo, finalists=task["finalists"])
         best = result.best
         report = json.loads((Path(best["output"]) / "report.json").read_text()) if best and best.get("output") else {}
@@ -209,8 +227,11 @@ def render(results: dict) -> str:
                   if data == "tweets-sentiment" else "")
         when = (f"Elapsed {task['elapsed_s']:.0f} s, measured {task['measured']}." if "measured" in task
                 else "Measured in an earlier run.")
+        settings = (f"Training in {task['precision']}, the blocks' dropout {'on' if task['block_dropout'] else 'off'}."
+                    if "precision" in task else "Training in fp32, the blocks' dropout on (the bench's settings "
+                    "until 2026-11-25).")
         lines += [f"## {data}", "", f"{task['trials']} trials per study at the search fidelity "
-                  f"({rows[0]['fidelity']}), full run {task['base']}.{subset} {when}", "",
+                  f"({rows[0]['fidelity']}), full run {task['base']}.{subset} {settings} {when}", "",
                   "| seed | sampler | hypervolume | front weakly dominates the other's | trained | over budget "
                   "| repeated points | training s (own trials) |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -222,7 +243,7 @@ def render(results: dict) -> str:
                   f"(TPE higher in {wins} of {len(rows) // 2} seeds).", ""]
         best = task.get("best")
         if best and best["name"]:
-            ref = results.get("reference")
+            ref = task.get("reference") or results.get("reference")
             lines += [f"Best configuration under {BUDGET} (TPE seed {task['seeds'][0]}, successive halving "
                       + ", ".join(f"{r['fidelity']}: {r['trained']} trained" for r in best["rungs"])
                       + f"; {best['halving_elapsed_s']:.0f} s): **{best['name']}**, "
@@ -231,7 +252,8 @@ def render(results: dict) -> str:
                       f"| search's best under {BUDGET}, trained in full | {100 * best['trainable_share']:.3f}% | "
                       + (f"{100 * best['test_accuracy']:.2f}% |" if best["test_accuracy"] is not None else "- |")]
             if ref and data == "bbc-news":
-                lines.append(f"| LoRA r=8, every linear layer ({ref['source']}) | {100 * ref['trainable_share']:.3f}% "
+                lines.append(f"| LoRA r=8, every linear layer of every block ({ref['source']}) | "
+                             f"{100 * ref['trainable_share']:.3f}% "
                              f"| {100 * ref['test_accuracy']:.2f}% |")
                 if best["test_accuracy"] is not None and not results["quick"]:
                     gap = 100 * (ref["test_accuracy"] - best["test_accuracy"])
@@ -279,7 +301,10 @@ def main() -> None:
     parser.add_argument("--data", help="comma-separated (default bbc-news,tweets-sentiment; --quick: bbc-news)")
     parser.add_argument("--trials", type=int, help="configurations trained per study (default: bbc-news 20, tweets 10)")
     parser.add_argument("--seeds", help="comma-separated sampler seeds (default: bbc-news 0,1,2; tweets 0,1)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="training precision of every trial and the reference (default auto, as leanfit tune)")
     args = parser.parse_args()
+    PRECISION["value"] = args.precision
     for task in TASKS.values():
         task.update({"trials": args.trials} if args.trials else {})
         task.update({"seeds": tuple(int(v) for v in args.seeds.split(","))} if args.seeds else {})
