@@ -120,20 +120,23 @@ def front_dominates(a: list, b: list) -> bool:
 
 
 PRICES: dict[str, dict] = {}  # cost estimates per data set, shared by its studies (same model and run shape)
-PRECISION = {"value": "auto"}  # every trial's and the reference's training precision (--precision)
+
+
+def runs_dir(data: str, task: dict) -> Path:
+    # The smoke run keeps its own studies: resuming a full run's study with other settings is refused.
+    return RUNS / (f"{data}-quick" if task is QUICK else data)
 
 
 def run_study(data: str, task: dict, sampler: str, seed: int, memo: Memo, finalists: int):
     source = tweets_subset() if data == "tweets-sentiment" else data
     # `leanfit tune`'s defaults (the blocks' dropout off; bf16 where the hardware has it), as the reference
-    base = TuneConfig(model="minilm", data=source, seed=0, precision=PRECISION["value"], **task["base"])
+    base = TuneConfig(model="minilm", data=source, seed=0, precision=task["precision"], **task["base"])
     settings = SearchSettings(
         base=base, space=SPACE, budget=parse_budget(BUDGET), trials=task["trials"], sampler=sampler, seed=seed,
         search_rows=task["rows"], search_epochs=task["epochs"], search_max_length=task["length"],
         search_eval_rows=task["eval_rows"], eta=task["eta"],
         finalists=finalists, study_name=f"{sampler}-seed{seed}",
-        # The smoke run keeps its own studies: resuming a full run's study with other settings is refused.
-        output=str(RUNS / (f"{data}-quick" if task is QUICK else data) / f"{sampler}-seed{seed}"),
+        output=str(runs_dir(data, task) / f"{sampler}-seed{seed}"),
         progress=True)
     started = time.perf_counter()
     result = search(settings, evaluate=memo, prices=PRICES.setdefault(data, {}))
@@ -144,10 +147,9 @@ def reference_run(data: str, task: dict) -> dict:
     """LoRA r=8 (alpha 16) on every linear layer of every block, trained in full with the search's own
     full-run settings: the configuration the 0.5% target compares with."""
     from leanfit.tune import run
-    output = RUNS / (f"{data}-quick" if task is QUICK else data) / "reference-lora-r8"
     config = TuneConfig(model="minilm", data=data, seed=0, method="lora", options={"rank": 8, "alpha": 16.0},
-                        targets="all-linear", train_layers="all", prefix="off", precision=PRECISION["value"],
-                        output=str(output), progress=False, **task["base"])
+                        targets="all-linear", train_layers="all", prefix="off", precision=task["precision"],
+                        output=str(runs_dir(data, task) / "reference-lora-r8"), progress=False, **task["base"])
     report = run(config)
     return {"test_accuracy": report["test"]["accuracy"], "trainable_share": report["trainable_share"],
             "split_sizes": report["split_sizes"], "wall_s": report["wall_s"], "source": "trained in this run"}
@@ -181,7 +183,7 @@ def bench_task(data: str, task: dict, memo: Memo) -> dict:
         tpe["dominates_other"] = front_dominates(tpe["points"], rnd["points"])
         rnd["dominates_other"] = front_dominates(rnd["points"], tpe["points"])
     out = {"rows": rows, "trials": task["trials"], "seeds": list(task["seeds"]), "base": task["base"],
-           "precision": resolve(PRECISION["value"], torch.device("cpu")), "block_dropout": TuneConfig().block_dropout}
+           "precision": resolve(task["precision"], torch.device("cpu")), "block_dropout": TuneConfig().block_dropout}
     if task["finalists"]:  # successive halving on the seed-0 TPE study, up to the full run
         out["reference"] = reference_run(data, task)
         result, elapsed = run_study(data, task, "tpe", task["seeds"][0], memo, finalists=task["finalists"])
@@ -304,8 +306,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="training precision of every trial and the reference (default auto, as leanfit tune)")
     args = parser.parse_args()
-    PRECISION["value"] = args.precision
+    QUICK["precision"] = args.precision
     for task in TASKS.values():
+        task["precision"] = args.precision
         task.update({"trials": args.trials} if args.trials else {})
         task.update({"seeds": tuple(int(v) for v in args.seeds.split(","))} if args.seeds else {})
     torch.set_num_threads(2)

@@ -14,6 +14,7 @@ adapter initialisation and data order) and adds the results to the task's block,
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -184,10 +185,18 @@ TITLES = {
 
 
 def main(argv: list[str]) -> None:
-    reps = int(argv[argv.index("--reps") + 1]) if "--reps" in argv else 2
-    tasks = [a for a in argv if a in POLICIES] or list(POLICIES)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tasks", nargs="*", help=f"any of {', '.join(POLICIES)} (default: every task)")
+    parser.add_argument("--reps", type=int, default=2, help="rounds of every contender (default 2)")
+    parser.add_argument("--contenders", help="comma-separated subset (peft is always run: ratios are against it)")
+    parser.add_argument("--seeds", default="", help="comma-separated other seeds, one run per contender each")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.tasks) - set(POLICIES))
+    if unknown:
+        parser.error(f"unknown tasks {', '.join(unknown)}; choose among {', '.join(POLICIES)}.")
+    reps, tasks = args.reps, args.tasks or list(POLICIES)
     # a subset of the contenders (peft always among them: every ratio is against it), for more rounds in the time
-    chosen = set(argv[argv.index("--contenders") + 1].split(",")) | {"peft"} if "--contenders" in argv else None
+    chosen = set(args.contenders.split(",")) | {"peft"} if args.contenders else None
     known = set(REFERENCES).union(*POLICIES.values())
     if chosen and chosen - known:
         raise SystemExit(f"Unknown contenders {', '.join(sorted(chosen - known))}; "
@@ -198,7 +207,7 @@ def main(argv: list[str]) -> None:
     for block in results["tasks"].values():  # tasks measured before rounds were kept per task
         block.setdefault("reps", results.get("reps", reps))
     results.update(environment=environment(), reps=reps, peft_version=peft.__version__)
-    seeds = [int(s) for s in argv[argv.index("--seeds") + 1].split(",")] if "--seeds" in argv else []
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     for task in tasks:
         contenders = {n: p for n, p in {**REFERENCES, **POLICIES[task]}.items() if chosen is None or n in chosen}
         if seeds:

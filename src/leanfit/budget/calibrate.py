@@ -206,19 +206,23 @@ def _measure(model: nn.Module, found, batch_size: int, seq_len: int, task: str, 
             on = measure.profile_train_step(model, batch, high_n, heads, weights=False, precision=precision)
         values["dropout_block_s"] = max(0.0, on["step_s"] - values["train_high"]["step_s"]) / high_n
     values["reference"] = _reference(model, batch, high_n, heads, fingerprint, layers, adapters_run, precision)
+
+    def retimed() -> dict:  # times only
+        return timed_parts(memory=False) | {"inference": measure.profile_inference(model, batch)}
+
     # each part timed again, later, twice: one pass takes a few seconds, in one spell of the machine's speed
-    passes = [timed_parts(memory=False) | {"inference": measure.profile_inference(model, batch)}]
+    later = [retimed()]
     values.update({
         "optimizer": machine.optimizer_rates(), "op_s": machine.op_seconds(),
         "page_fault_s_per_byte": machine.page_fault_seconds(),
         "model_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
     })
-    passes.append(timed_parts(memory=False) | {"inference": measure.profile_inference(model, batch)})
-    values["timing_passes"] = {part: [{k: v for k, v in p.items() if k.endswith("_s")}
-                                      for p in (values[part], *(later[part] for later in passes))]
-                               for part in passes[0]}
-    for part, readings in values["timing_passes"].items():
-        values[part] = measure.median_times([values[part], *readings[1:]])
+    later.append(retimed())
+    values["timing_passes"] = {}
+    for part, times in later[0].items():
+        readings = [values[part], *(p[part] for p in later)]
+        values["timing_passes"][part] = [{k: r[k] for k in times} for r in readings]
+        values[part] = measure.median_times(readings)
     return values
 
 
