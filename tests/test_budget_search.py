@@ -14,6 +14,7 @@ import torch
 
 from leanfit.budget.budget import check_reachable, parse_budget
 from leanfit.budget.cost import CostEstimate
+from leanfit.budget.local import neighbours
 from leanfit.budget.pareto import hypervolume_2d, nondominated_ranks, promotion_order
 from leanfit.budget.space import SearchSpace, method_rank_options
 from leanfit.cli import main
@@ -287,6 +288,20 @@ def test_tpe_starts_from_its_design_and_random_search_does_not(tiny, tmp_path):
     drawn = trials_of(plain)
     assert not any(t.system_attrs.get("fixed_params") for t in drawn)
     assert any(t.params["log10_lr"] < -1.0 for t in drawn)  # random search draws the rate as well
+
+
+def test_after_the_design_a_local_step_trains_a_neighbour_of_the_front(tiny, tmp_path):
+    out = tmp_path / "local"
+    assert run_cli(search_args(tiny, out, 6, "params=10%", "--finalists", "0")) == 0
+    trials = sorted(trials_of(out), key=lambda t: t.number)
+    design = [t for t in trials if t.system_attrs.get("fixed_params") and "proposed_by" not in t.user_attrs]
+    local = [t for t in trials if t.user_attrs.get("proposed_by") == "local search"]
+    # one step (half of the 2 trials after the 4 of the design), right after the design
+    assert len(design) == 4 and [t.number for t in local] == [4]
+    space = SearchSpace(methods=("lora", "ia3", "bitfit"), train_layers=(1, "all"), ranks=(2, 4), lr_min=1e-3, lr_max=1e-1)
+    assert any(local[0].params in neighbours(t.params, space) for t in design)
+    assert local[0].user_attrs["status"] == "trained"
+    assert sum(t.user_attrs.get("status") == "trained" for t in trials) == 6  # the step is one of the 6 trials
 
 
 def test_a_causal_lm_search_minimises_perplexity_and_steps_the_rate_down(tiny, tmp_path):

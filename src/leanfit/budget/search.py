@@ -11,6 +11,9 @@
    costs are known before training, so these anchor the whole front. They compare configurations
    at the top learning rate of the grid (`fixed_rate`): a short run ranks rates by how far a few
    steps get, not by where a full run ends, so the rate is searched at the full run (4).
+   After the design, half of the remaining trials go to a Pareto local search (local.py): the
+   neighbour of the front (rank, blocks or target set one step away) that would widen it most if it
+   scored as well as its front parent; the sampler proposes the rest.
 3. Successive halving: the most promising configurations (best Pareto ranks, then accuracy) are
    trained again on `eta` times more rows, and so on; the last rung is the full run as configured,
    for `finalists` configurations. Each rung is its own study in the same storage, fed through
@@ -35,14 +38,17 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, LeanfitError
+from .local import next_step
 from .pareto import promotion_order
 from .settings import COST_OBJECTIVES, Fidelity, SearchSettings
 from .space import describe
-from .study import RATES_SUFFIX, make_sampler, open_study, storage_for, work
+from .study import RATES_SUFFIX, counts, make_sampler, open_study, storage_for, work
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (several may share a study)
 DESIGN_SHARE = 2 / 3  # of a study's trials, taken by the initial design (on bbc-news, 2026-11-24, a third
 # or a half gave TPE fronts of lower hypervolume in 5 of 6 seeds)
+LOCAL_SHARE = 1 / 2  # of the trials after the design, taken by the local search (local.py); the sampler has the rest
+LOCAL = "local search"  # the `proposed_by` mark of a local-search trial
 
 
 def train_and_validate(config) -> dict:
@@ -205,12 +211,47 @@ class Search:
                 studies.append(study)
                 total = self.s.trials if index == 0 else len(study.get_trials(deepcopy=False))
                 progress.start_rung(index, fidelity.label(self.s.base), total, study)
-                work(study, self.objective(index, fidelity), target=self.s.trials if index == 0 else None,
-                     on_trial=progress.on_trial)
+                objective = self.objective(index, fidelity)
+                if index == 0 and self.local_steps():
+                    work(study, objective, target=None, on_trial=progress.on_trial)  # the design
+                    self.local_search(study, objective, progress.on_trial)
+                work(study, objective, target=self.s.trials if index == 0 else None, on_trial=progress.on_trial)
             if len(studies) == len(ladder) > 1 and self.fixed_rate() is not None:
                 studies.append(self.descend_rate(storage, studies[-1], ladder[-1], len(ladder), progress))
                 ladder = ladder + [ladder[-1]]
         return collect(self, studies, ladder, time.perf_counter() - started)
+
+    def local_steps(self) -> int:
+        """Trials of the local search (local.py): LOCAL_SHARE of those after the initial design, for a
+        sampler that starts from the design and a cost objective to widen the front along."""
+        if not self.s.initial_design or self.s.sampler == "random" or len(self.s.objectives) < 2:
+            return 0
+        return math.ceil(max(0, self.s.trials - self.design_count()) * LOCAL_SHARE)
+
+    def local_search(self, study, objective, on_trial) -> None:
+        """Train `local_steps` neighbours of the front, each chosen once the last one has trained. A
+        resumed study, or a second worker, takes only the steps not yet queued; all workers see the
+        same trained trials when they choose (study.work waits for running ones), so they choose alike."""
+        def taken() -> int:
+            return sum(t.user_attrs.get("proposed_by") == LOCAL for t in study.get_trials(deepcopy=False))
+
+        sign = 1 if self.maximize else -1
+        feasible = [c for c in map(self._price, self.s.space.points()) if c is not None]
+        while feasible and taken() < self.local_steps() and counts(study)["trained"] < self.s.trials:
+            scored = [(t.params, sign * t.values[0], self._price(t.params)) for t in _distinct_complete(study)]
+            tried = [t.params for t in study.get_trials(deepcopy=False)]
+            step = next_step([s for s in scored if s[2] is not None], tried, self.s.space, self._price, max(feasible))
+            if step is None:
+                return
+            study.enqueue_trial(step, user_attrs={"proposed_by": LOCAL}, skip_if_exists=True)
+            work(study, objective, target=None, on_trial=on_trial)
+
+    def _price(self, point: dict) -> float | None:
+        """A point's cost by the first cost objective (trainable parameters without one); None if it
+        cannot be built or does not fit the budget."""
+        cost_of = COST_OBJECTIVES[self.s.objectives[1]] if len(self.s.objectives) > 1 else "trainable_params"
+        cost = self.cost(point)
+        return float(getattr(cost, cost_of)) if cost is not None and self.s.budget.fits(cost) else None
 
     def fixed_rate(self) -> float | None:
         """log10 of the rate TPE and NSGA-II compare configurations at in the first rung: the top of the
@@ -258,12 +299,8 @@ class Search:
         the middle of the cost range to chance). A short low-fidelity run learns most at the top rate
         (bbc-news, 2026-11-24: 53 of 58 runs below it ended under 0.50 validation accuracy, the 22 at
         it 0.62-0.92; see `fixed_rate`)."""
-        cost_of = COST_OBJECTIVES[self.s.objectives[1]] if len(self.s.objectives) > 1 else "trainable_params"
-        priced = []
-        for point in self.s.space.points():
-            cost = self.cost(point)
-            if cost is not None and self.s.budget.fits(cost):
-                priced.append((math.log(max(float(getattr(cost, cost_of)), 1e-12)), point))
+        priced = [(math.log(max(cost, 1e-12)), point) for point in self.s.space.points()
+                  if (cost := self._price(point)) is not None]
         if not priced:
             return []
         count = min(self.design_count(), len(priced))
