@@ -15,7 +15,7 @@ seed) was already trained by another study reuses that result (training is seede
 repeat it). The wall times in the table are therefore the sum of each study's own trial training
 times (as if it had run alone), besides the elapsed time of the whole benchmark.
 
-    .venv/bin/python bench/search.py            # the full run (bbc-news took 23 minutes on 2 quiet cores)
+    .venv/bin/python bench/search.py            # the full run (bbc-news, 5 seeds, took 27 minutes on 2 quiet cores)
     .venv/bin/python bench/search.py --quick    # smoke run on tiny settings (about a minute)
 
 A study's trials are the configurations it trains: proposals over the budget or repeating a trained
@@ -24,7 +24,7 @@ lost 1.18 points when trained in full (2026-11-24), too noisy a score to guide a
 
 Where the time goes: each trial's training time is in search.json (about 13 s a trial on bbc-news at
 64 tokens, loading included); the first study of each data set also calibrates the cost model and
-prices the space's 88 points (about 1.5 minutes); TPE's initial design is the same in every seed and
+prices the space's 88 points (about 1.5 minutes); TPE's initial design and the local search's steps after it are the same in every seed and
 is trained once; each full run of a finalist takes 80-120 s, and the rate descent after them one more
 full run per step (one, 120 s, on 2026-11-24).
 """
@@ -69,7 +69,7 @@ SPACE = SearchSpace(methods=("lora", "ia3", "bottleneck", "ssf", "bitfit"), trai
 # (TWEETS_ROWS), so a trial does not load and tokenise 38k tweets; it has no full-run step.
 TASKS = {
     "bbc-news": {"base": dict(epochs=3, batch_size=32, max_length=128), "rows": 256, "epochs": 3, "length": 64,
-                 "eval_rows": 212, "trials": 20, "seeds": (0, 1, 2), "finalists": 3, "eta": 6},
+                 "eval_rows": 212, "trials": 20, "seeds": (0, 1, 2, 3, 4), "finalists": 3, "eta": 6},
     "tweets-sentiment": {"base": dict(epochs=1, batch_size=32, max_length=64), "rows": 256, "epochs": 3,
                          "length": None, "eval_rows": None, "trials": 10, "seeds": (0, 1), "finalists": 0, "eta": 3},
 }
@@ -214,7 +214,7 @@ def summary(rows: list, sampler: str) -> tuple[float, float]:
 
 def render(results: dict) -> str:
     env = results["environment"]
-    lines = ["# Search: multi-objective TPE against random search at equal trials", "",
+    lines = ["# Search: `leanfit search` (initial design, local search, multi-objective TPE) against random search at equal trials", "",
              f"Produced by `bench/search.py`{' --quick (smoke settings, not a result)' if results['quick'] else ''} "
              f"on {env['cpu']} ({env['threads']} threads, torch {env['torch']}, Optuna {env['optuna']}); "
              f"MiniLM-L6, training seed 0, budget {BUDGET}. "
@@ -302,7 +302,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny fidelity, 3 trials, one seed")
     parser.add_argument("--data", help="comma-separated (default bbc-news,tweets-sentiment; --quick: bbc-news)")
     parser.add_argument("--trials", type=int, help="configurations trained per study (default: bbc-news 20, tweets 10)")
-    parser.add_argument("--seeds", help="comma-separated sampler seeds (default: bbc-news 0,1,2; tweets 0,1)")
+    parser.add_argument("--seeds", help="comma-separated sampler seeds (default: bbc-news 0,1,2,3,4; tweets 0,1)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="training precision of every trial and the reference (default auto, as leanfit tune)")
     args = parser.parse_args()
