@@ -24,9 +24,9 @@ lost 1.18 points when trained in full (2026-11-24), too noisy a score to guide a
 
 Where the time goes: each trial's training time is in search.json (about 13 s a trial on bbc-news at
 64 tokens, loading included); the first study of each data set also calibrates the cost model and
-prices the space's 88 points (about 1.5 minutes); TPE's initial design and the local search's steps after it are the same in every seed and
-is trained once; each full run of a finalist takes 80-120 s, and the rate descent after them one more
-full run per step (one, 120 s, on 2026-11-24).
+prices the space's 88 points (about 1.5 minutes); TPE's initial design, and the local search's steps
+after it, are the same in every seed and are trained once; each full run of a finalist takes 80-120 s,
+and the rate descent after them one more full run per step (one, 120 s, on 2026-11-24).
 """
 
 from __future__ import annotations
