@@ -38,6 +38,7 @@ def tiny(tmp_path_factory):
     core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                             sep_token="[SEP]").save_pretrained(root / "model")
+    torch.manual_seed(0)  # the same random model in every session: trial scores repeat
     BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=3,
                                              num_attention_heads=2, intermediate_size=32,
                                              max_position_embeddings=64)).save_pretrained(root / "model")
@@ -214,7 +215,7 @@ def test_impossible_budget_and_unknown_key_from_the_command_line(tiny, tmp_path,
 
 def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
     out = tmp_path / "shared"
-    args = [str(a) for a in search_args(tiny, out, 6, "params=4%", "--finalists", "0")]
+    args = [str(a) for a in search_args(tiny, out, 6, "params=10%", "--finalists", "0")]
     workers = [subprocess.Popen([sys.executable, "-m", "leanfit.cli", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(2)]
     for worker in workers:
@@ -224,6 +225,9 @@ def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
     assert sum(t.user_attrs.get("status") == "trained" for t in trials) >= 6
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials of the one study
     assert len({t.number for t in trials}) == len(trials)
+    # both workers choose the local search's step alike (two queued copies could only be of one point)
+    local = [t for t in trials if t.user_attrs.get("proposed_by") == "local search"]
+    assert local and len({json.dumps(t.params, sort_keys=True) for t in local}) == 1
 
 
 def test_a_space_smaller_than_the_trials_stops_after_a_bounded_number_of_proposals(tiny, tmp_path):
