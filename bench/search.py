@@ -214,7 +214,8 @@ def summary(rows: list, sampler: str) -> tuple[float, float]:
 
 def render(results: dict) -> str:
     env = results["environment"]
-    lines = ["# Search: `leanfit search` (initial design, local search, multi-objective TPE) against random search at equal trials", "",
+    lines = ["# Search: `leanfit search` (initial design, local search, multi-objective TPE) against random "
+             "search at equal trials", "",
              f"Produced by `bench/search.py`{' --quick (smoke settings, not a result)' if results['quick'] else ''} "
              f"on {env['cpu']} ({env['threads']} threads, torch {env['torch']}, Optuna {env['optuna']}); "
              f"MiniLM-L6, training seed 0, budget {BUDGET}. "

@@ -18,6 +18,7 @@ counts by its width in cost, not in log cost.
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Sequence
 
 from .pareto import front, hypervolume_2d
@@ -52,19 +53,15 @@ def next_step(scored: Sequence[Scored], tried: Sequence[dict], space: SearchSpac
         return None
     points = [(cost, -score) for _, score, cost in scored]
     reference = (cost_reference, max(y for _, y in points))  # the worst score seen
-    hopes: list[tuple[dict, float]] = []  # untried neighbours, each with the best score of its front parents
+    hopes: dict[str, tuple[dict, float]] = {}  # untried neighbours, each with its front parents' best score
     for i in front(points):
         parent, score, _ = scored[i]
         for candidate in neighbours(parent, space):
-            if candidate in tried:
-                continue
-            known = next((k for k, (c, _) in enumerate(hopes) if c == candidate), None)
-            if known is None:
-                hopes.append((candidate, score))
-            else:
-                hopes[known] = (candidate, max(score, hopes[known][1]))
+            if candidate not in tried:
+                key = json.dumps(candidate, sort_keys=True)
+                hopes[key] = (candidate, max(score, hopes.get(key, (None, score))[1]))
     best, best_gain = None, 0.0
-    for candidate, score in hopes:
+    for candidate, score in hopes.values():
         cost = price(candidate)
         if cost is None:
             continue

@@ -232,15 +232,16 @@ class Search:
         """Train `local_steps` neighbours of the front, each chosen once the last one has trained. A
         resumed study, or a second worker, takes only the steps not yet queued; all workers see the
         same trained trials when they choose (study.work waits for running ones), so they choose alike."""
-        def taken() -> int:
-            return sum(t.user_attrs.get("proposed_by") == LOCAL for t in study.get_trials(deepcopy=False))
-
-        sign = 1 if self.maximize else -1
+        sign, steps = (1 if self.maximize else -1), self.local_steps()
         feasible = [c for c in map(self._price, self.s.space.points()) if c is not None]
-        while feasible and taken() < self.local_steps() and counts(study)["trained"] < self.s.trials:
+        while feasible:
+            trials = study.get_trials(deepcopy=False)
+            taken = sum(t.user_attrs.get("proposed_by") == LOCAL for t in trials)
+            if taken >= steps or counts(study)["trained"] >= self.s.trials:
+                return
             scored = [(t.params, sign * t.values[0], self._price(t.params)) for t in _distinct_complete(study)]
-            tried = [t.params for t in study.get_trials(deepcopy=False)]
-            step = next_step([s for s in scored if s[2] is not None], tried, self.s.space, self._price, max(feasible))
+            step = next_step([s for s in scored if s[2] is not None], [t.params for t in trials], self.s.space,
+                             self._price, max(feasible))
             if step is None:
                 return
             study.enqueue_trial(step, user_attrs={"proposed_by": LOCAL}, skip_if_exists=True)
