@@ -42,7 +42,7 @@ from .local import next_step
 from .pareto import promotion_order
 from .settings import COST_OBJECTIVES, Fidelity, SearchSettings
 from .space import describe
-from .study import RATES_SUFFIX, counts, make_sampler, open_study, storage_for, work
+from .study import POLL_S, RATES_SUFFIX, counts, make_sampler, open_study, storage_for, work
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (several may share a study)
 DESIGN_SHARE = 2 / 3  # of a study's trials, taken by the initial design (on bbc-news, 2026-11-24, a third
@@ -362,12 +362,21 @@ def spread_order(count: int) -> list[int]:
 
 
 def _same_point(trial):
-    """An earlier finished trial of this study with the same parameters (its result is reused)."""
+    """A finished trial of this study with the same parameters, whose result is reused, or None.
+
+    An earlier trial of the point that another worker is running is waited for: two workers can queue
+    one local step at once (Optuna's enqueue_trial checks `skip_if_exists` and adds in two
+    transactions), and constant-liar TPE can propose one point to both; the point trains once."""
     from optuna.trial import TrialState
-    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if other.number != trial.number and other.params == trial.params:
-            return other
-    return None
+    while True:
+        same = [other for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                if other.number != trial.number and other.params == trial.params]
+        done = [other for other in same if other.state == TrialState.COMPLETE]
+        if done:
+            return done[0]
+        if not any(other.number < trial.number for other in same):
+            return None
+        time.sleep(POLL_S)
 
 
 def _distinct_complete(study) -> list:

@@ -34,8 +34,11 @@ def storage_for(url: str):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+                storage = RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+            if url.startswith("sqlite"):
+                _serialise_sqlite(storage.engine)
+            return storage
         except ImportError as err:
             raise ConfigError(f"The storage {url} needs a database driver that is not installed ({err}); "
                               "install it or use sqlite:///PATH.") from None
@@ -44,6 +47,27 @@ def storage_for(url: str):
                 raise ConfigError(f"Cannot open the study storage {url} ({str(err).splitlines()[0]}); "
                                   "pass an Optuna storage URL such as sqlite:///out/search/study.db.") from None
             time.sleep(0.2 * (attempt + 1))
+
+
+def _serialise_sqlite(engine) -> None:
+    """Make each SQLite transaction take the write lock at its start (BEGIN IMMEDIATE).
+
+    Python's sqlite3 driver begins a transaction only at the first write, so the read and the update
+    of Optuna's "pop a waiting trial" (a SELECT ... FOR UPDATE elsewhere) were two steps: two workers
+    could both read a trial as waiting and both run it, and the slower one then failed to record its
+    result (UpdateFinishedTrialError). With 4 processes popping 200 queued trials, 20 ran twice
+    (2026-11-25); the SQLAlchemy recipe for serialisable SQLite below makes it none."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def driver_begins_nothing(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners: closed, so every one is set up alike
 
 
 def make_sampler(name: str, seed: int, trials: int, startup_trials: int | None = None, fixed: dict | None = None):
