@@ -97,9 +97,14 @@ class Memo:
         self.results: dict[str, dict] = {}
         self.hits = 0
 
+    @staticmethod
+    def key(config: dict) -> str:
+        """A run's identity: its config (as a dict) without the output folder and the progress switch."""
+        return json.dumps({k: v for k, v in config.items() if k not in ("output", "progress")}, sort_keys=True,
+                          default=str)
+
     def __call__(self, config) -> dict:
-        key = json.dumps({k: v for k, v in asdict(config).items() if k not in ("output", "progress")},
-                         sort_keys=True, default=str)
+        key = self.key(asdict(config))
         if key in self.results:
             self.hits += 1
             return self.results[key]
@@ -127,17 +132,21 @@ def runs_dir(data: str, task: dict) -> Path:
     return RUNS / (f"{data}-quick" if task is QUICK else data)
 
 
-def run_study(data: str, task: dict, sampler: str, seed: int, memo: Memo, finalists: int):
+def settings_for(data: str, task: dict, sampler: str, seed: int, finalists: int) -> SearchSettings:
     source = tweets_subset() if data == "tweets-sentiment" else data
     # `leanfit tune`'s defaults (the blocks' dropout off; bf16 where the hardware has it), as the reference
     base = TuneConfig(model="minilm", data=source, seed=0, precision=task["precision"], **task["base"])
-    settings = SearchSettings(
+    return SearchSettings(
         base=base, space=SPACE, budget=parse_budget(BUDGET), trials=task["trials"], sampler=sampler, seed=seed,
         search_rows=task["rows"], search_epochs=task["epochs"], search_max_length=task["length"],
         search_eval_rows=task["eval_rows"], eta=task["eta"],
         finalists=finalists, study_name=f"{sampler}-seed{seed}",
         output=str(runs_dir(data, task) / f"{sampler}-seed{seed}"),
         progress=True)
+
+
+def run_study(data: str, task: dict, sampler: str, seed: int, memo: Memo, finalists: int):
+    settings = settings_for(data, task, sampler, seed, finalists)
     started = time.perf_counter()
     result = search(settings, evaluate=memo, prices=PRICES.setdefault(data, {}))
     return result, time.perf_counter() - started
