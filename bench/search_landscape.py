@@ -171,7 +171,7 @@ def main() -> None:
                "trained_here": len(trained_here), "trained_here_s": sum(memo.results[k]["wall_s"] for k in trained_here),
                "elapsed_s": time.perf_counter() - started, "simulations": SIMULATIONS,
                "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment()}
-    name = "search-landscape-quick" if args.quick else "search-landscape"
+    name = f"search-landscape-{args.data}" + ("-quick" if args.quick else "")
     atomic_write_bytes(target / f"{name}.json", (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(target / f"{name}.md", render(results).encode())
     print(f"wrote {target / name}.md and .json")
