@@ -52,7 +52,7 @@ def test_a_point_another_worker_is_training_is_waited_for_not_trained_again():
         trial.suggest_float("x", 0, 1)
         trial.suggest_int("rank", 2, 16)
     found = {}
-    waiter = threading.Thread(target=lambda: found.update(same=_same_point(second)))
+    waiter = threading.Thread(target=lambda: found.update(same=_same_point(second)), daemon=True)
     waiter.start()
     waiter.join(timeout=2.5)
     assert waiter.is_alive()  # the later trial waits while the earlier one trains
@@ -64,3 +64,23 @@ def test_a_point_another_worker_is_training_is_waited_for_not_trained_again():
     other.suggest_float("x", 0, 1)
     other.suggest_int("rank", 2, 16)
     assert _same_point(other) is None  # another point trains at once
+
+
+def test_the_wait_ends_when_the_earlier_trials_worker_is_dead(tmp_path):
+    from optuna.storages import RDBStorage
+
+    from leanfit.budget.search import _same_point
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'stale.db'}", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage)
+    for _ in range(2):
+        study.enqueue_trial({"x": 0.5})
+    first, second = study.ask(), study.ask()
+    for trial in (first, second):
+        trial.suggest_float("x", 0, 1)
+    storage.record_heartbeat(first._trial_id)  # its worker beat once, then died
+    found = {}
+    waiter = threading.Thread(target=lambda: found.update(same=_same_point(second)), daemon=True)
+    waiter.start()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and found["same"] is None  # the dead worker's trial failed; this one trains
+    assert study.trials[first.number].state.name == "FAIL"

@@ -33,6 +33,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
@@ -366,9 +367,15 @@ def _same_point(trial):
 
     An earlier trial of the point that another worker is running is waited for: two workers can queue
     one local step at once (Optuna's enqueue_trial checks `skip_if_exists` and adds in two
-    transactions), and constant-liar TPE can propose one point to both; the point trains once."""
+    transactions), and constant-liar TPE can propose one point to both; the point trains once. A dead
+    worker's trial is failed once its heartbeat is stale, which ends the wait."""
+    import optuna
+    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
     while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(trial.study)
         same = [other for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
                 if other.number != trial.number and other.params == trial.params]
         done = [other for other in same if other.state == TrialState.COMPLETE]
