@@ -186,8 +186,9 @@ def render(r: dict) -> str:
              f"{r['fidelity']}. The {r['feasible_points']} configurations inside the budget at the rates "
              f"{', '.join(f'{x:g}' for x in r['rates'])}: {len(r['landscape'])} runs, {r['trained_here']} trained here, "
              f"the others reused from the search bench's studies. Lower rates are not trained: the studies' "
-             f"{r['below']['runs']} runs at them reached at most {r['below']['best_accuracy']:.3f} validation accuracy, "
-             "so they are counted as dominated.", "",
+             f"{r['below']['runs']} runs at them reached at most {r['below']['best_accuracy']:.3f} validation accuracy. "
+             "They are counted as dominated, so where that comes near the front's cheap end the chances below are "
+             "lower bounds.", "",
              "## The true front", "", "| configuration | trainable parameters | validation accuracy |", "|---|---|---|"]
     lines += [f"| {n} | {names[n]['trainable_params']} | {names[n]['accuracy']:.3f} |" for n in r["front"]]
     lines += ["", f"## Each study against the landscape ({r['trials']} trials)", "",
