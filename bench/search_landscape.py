@@ -1,5 +1,5 @@
-"""The search fidelity's whole landscape on bbc-news: every configuration inside the budget trained at the
-top rates of the grid, so the search bench's fronts can be judged against all configurations, not only
+"""The search fidelity's whole landscape (bbc-news, or --data): every configuration inside the budget trained
+at the top rates of the grid, so the search bench's fronts can be judged against all configurations, not only
 against the few random search happened to draw.
 
 For each study of the last `bench/search.py` run (out/bench-search/<data>/<sampler>-seed<N>/study.db)
@@ -7,8 +7,8 @@ it counts the configurations that no trained point of the study weakly dominates
 front), and estimates by simulation the chance that random search at the same number of trials draws one
 of them: the chance that random search's front is not dominated by the study's. RandomSampler draws the
 method, blocks, targets, rank (for a method with one) and rate independently and uniformly; a draw over
-the budget or repeating a trained point does not count as a trial (study.work), and the simulation does
-the same.
+the budget or repeating a trained point does not count as a trial (study.work, which also stops after
+PROPOSALS_PER_TRIAL proposals per trial), and the simulation does the same.
 
 Runs the studies already trained are reused (training is seeded, and a study's run of a configuration is
 the same run), so only the configurations no study tried are trained here; those are kept in
@@ -38,6 +38,7 @@ from search import (BUDGET, OUT, QUICK, RUNS, SPACE, TASKS, Memo, environment,  
 
 from leanfit.budget.search import Search, describe  # noqa: E402
 from leanfit.budget.space import rank_option  # noqa: E402
+from leanfit.budget.study import PROPOSALS_PER_TRIAL  # noqa: E402
 from leanfit.io import atomic_write_bytes  # noqa: E402
 
 SIMULATIONS = 20000
@@ -75,7 +76,7 @@ def miss_chance(outside: set[tuple], feasible: set[tuple], trials: int, rates: l
     for _ in range(SIMULATIONS):
         trained: set[tuple] = set()
         hit, draws = False, 0
-        while len(trained) < trials and draws < 5 * trials * 20:
+        while len(trained) < trials and draws < PROPOSALS_PER_TRIAL * trials:
             draws += 1
             method = rng.choice(SPACE.methods)
             params = {"method": method, "train_layers": rng.choice(SPACE.train_layers), "targets": rng.choice(SPACE.targets)}
