@@ -34,8 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search import (BUDGET, OUT, QUICK, RUNS, SPACE, TASKS, Memo, environment,  # noqa: E402
-                    runs_dir, settings_for)
+                    front_dominates, runs_dir, settings_for)
 
+from leanfit.budget.pareto import front as pareto_front  # noqa: E402
 from leanfit.budget.search import Search, describe  # noqa: E402
 from leanfit.budget.space import rank_option  # noqa: E402
 from leanfit.budget.study import PROPOSALS_PER_TRIAL  # noqa: E402
@@ -58,7 +59,7 @@ def studies(folder: Path) -> dict[str, list[dict]]:
 
 def weakly_dominated(point: tuple[int, float], by: list[tuple[int, float]]) -> bool:
     """(trainable parameters, accuracy): some point of `by` is as cheap or cheaper and as accurate or more."""
-    return any(cost <= point[0] and accuracy >= point[1] for cost, accuracy in by)
+    return front_dominates([(cost, -accuracy) for cost, accuracy in by], [(point[0], -point[1])])
 
 
 def key_of(params: dict) -> tuple:
@@ -157,8 +158,8 @@ def main() -> None:
     landscape, trained_here = train_landscape(search, folder, memo, rates)
     feasible = {cost_only(p) for p in SPACE.points() if search._price(p) is not None}
     points = {k: (v["trainable_params"], v["accuracy"]) for k, v in landscape.items()}
-    front = sorted((k for k, p in points.items()
-                    if not weakly_dominated(p, [q for j, q in points.items() if j != k and q != p])), key=lambda k: points[k][0])
+    keys = list(points)
+    front = sorted((keys[i] for i in pareto_front([(c, -a) for c, a in points.values()])), key=lambda k: points[k][0])
     below = [t for trials in trained.values() for t in trials if t["params"].get("log10_lr", high) < rates[0] - 1e-9]
     validation_rows = int(search.data.validation["input_ids"].shape[0])
     rows_scored = min(search.s.search_eval_rows or validation_rows, validation_rows)

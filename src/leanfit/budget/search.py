@@ -33,7 +33,6 @@ import os
 import shutil
 import socket
 import time
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
@@ -43,7 +42,7 @@ from .local import next_step
 from .pareto import promotion_order
 from .settings import COST_OBJECTIVES, Fidelity, SearchSettings
 from .space import describe
-from .study import POLL_S, RATES_SUFFIX, counts, make_sampler, open_study, storage_for, work
+from .study import POLL_S, RATES_SUFFIX, counts, fail_stale, make_sampler, open_study, storage_for, work
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (several may share a study)
 DESIGN_SHARE = 2 / 3  # of a study's trials, taken by the initial design (on bbc-news, 2026-11-24, a third
@@ -369,13 +368,8 @@ def _same_point(trial):
     one local step at once (Optuna's enqueue_trial checks `skip_if_exists` and adds in two
     transactions), and constant-liar TPE can propose one point to both; the point trains once. A dead
     worker's trial is failed once its heartbeat is stale, which ends the wait."""
-    import optuna
-    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
     while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            fail_stale_trials(trial.study)
         same = [other for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
                 if other.number != trial.number and other.params == trial.params]
         done = [other for other in same if other.state == TrialState.COMPLETE]
@@ -384,6 +378,7 @@ def _same_point(trial):
         if not any(other.number < trial.number for other in same):
             return None
         time.sleep(POLL_S)
+        fail_stale(trial.study)  # if the other worker died, this one may be the only one left to notice
 
 
 def _distinct_complete(study) -> list:

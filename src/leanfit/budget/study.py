@@ -131,19 +131,25 @@ def counts(study) -> dict[str, int]:
     return found
 
 
+def fail_stale(study) -> None:
+    """Fail the trials of dead workers (heartbeat older than the grace period); the storage's callback
+    queues each again."""
+    import optuna
+    from optuna.storages import fail_stale_trials
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fail_stale_trials(study)
+
+
 def work(study, objective, *, target: int | None, on_trial: Callable | None = None) -> None:
     """Run trials until `target` of them have trained (None: until the queue of waiting trials is
     empty), then wait for other workers' running trials, so every worker sees the same results.
 
     A proposal over the budget or equal to a point already trained costs no training and does not
     count: `--trials 20` trains 20 configurations (or stops after PROPOSALS_PER_TRIAL x 20 proposals)."""
-    import optuna
-    from optuna.storages import fail_stale_trials
     callbacks = [on_trial] if on_trial else None
     while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            fail_stale_trials(study)  # a dead worker's trial: failed, and queued again
+        fail_stale(study)
         state = counts(study)
         proposed = sum(state.get(s, 0) for s in FINISHED) + state.get("RUNNING", 0)
         wanted = (target is not None and state["trained"] + state.get("RUNNING", 0) < target
