@@ -132,10 +132,10 @@ def runs_dir(data: str, task: dict) -> Path:
     return RUNS / (f"{data}-quick" if task is QUICK else data)
 
 
-def settings_for(data: str, task: dict, sampler: str, seed: int, finalists: int) -> SearchSettings:
+def settings_for(data: str, task: dict, sampler: str, seed: int, finalists: int, train_seed: int = 0) -> SearchSettings:
     source = tweets_subset() if data == "tweets-sentiment" else data
     # `leanfit tune`'s defaults (the blocks' dropout off; bf16 where the hardware has it), as the reference
-    base = TuneConfig(model="minilm", data=source, seed=0, precision=task["precision"], **task["base"])
+    base = TuneConfig(model="minilm", data=source, seed=train_seed, precision=task["precision"], **task["base"])
     return SearchSettings(
         base=base, space=SPACE, budget=parse_budget(BUDGET), trials=task["trials"], sampler=sampler, seed=seed,
         search_rows=task["rows"], search_epochs=task["epochs"], search_max_length=task["length"],

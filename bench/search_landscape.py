@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--data", default="bbc-news", choices=list(TASKS))
     parser.add_argument("--rates", type=int, default=2, help="how many of the grid's top rates to train (default 2)")
     parser.add_argument("--quick", action="store_true", help="on bench/search.py --quick's studies (a smoke run)")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="training seed (split, initialisation, data order); other than 0 there are no bench studies "
+                             "to judge or reuse: a second landscape to check the search's rules on")
     args = parser.parse_args()
     torch.set_num_threads(2)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -145,12 +148,14 @@ def main() -> None:
     task = QUICK if args.quick else TASKS[args.data]
     task["precision"] = "auto"
     folder, target = runs_dir(args.data, task), (RUNS if args.quick else OUT)
+    if args.train_seed:
+        folder = folder.with_name(f"{folder.name}-train-seed{args.train_seed}")
     trained = studies(folder)
     memo = Memo()
     for t in (t for trials in trained.values() for t in trials):  # the studies' runs, reused
         memo.results[Memo.key(t["config"])] = {"validation": {"accuracy": t["accuracy"]}, "wall_s": t["wall_s"],
                                                "trainable_params": t["params_trained"]}
-    search = Search(settings_for(args.data, task, "tpe", 0, 0), evaluate=memo)
+    search = Search(settings_for(args.data, task, "tpe", 0, 0, train_seed=args.train_seed), evaluate=memo)
     search.prepare()
     low, high, step = SPACE.lr_grid()
     grid = [round(low + i * step, 6) for i in range(round((high - low) / step) + 1)]
@@ -165,7 +170,7 @@ def main() -> None:
     rows_scored = min(search.s.search_eval_rows or validation_rows, validation_rows)
     rng = random.Random(0)
     rows = [judge(name, trials, landscape, feasible, task["trials"], grid, rows_scored, rng) for name, trials in trained.items()]
-    results = {"data": args.data, "budget": BUDGET, "trials": task["trials"], "fidelity": search.rungs()[0].label(search.s.base),
+    results = {"data": args.data, "train_seed": args.train_seed, "budget": BUDGET, "trials": task["trials"], "fidelity": search.rungs()[0].label(search.s.base),
                "rates": [10 ** r for r in rates], "validation_rows": rows_scored, "feasible_points": len(feasible),
                "landscape": sorted(landscape.values(), key=lambda v: (v["trainable_params"], -v["accuracy"])),
                "front": [landscape[k]["name"] for k in front], "rows": rows,
@@ -173,7 +178,8 @@ def main() -> None:
                "trained_here": len(trained_here), "trained_here_s": sum(memo.results[k]["wall_s"] for k in trained_here),
                "elapsed_s": time.perf_counter() - started, "simulations": SIMULATIONS,
                "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": environment()}
-    name = f"search-landscape-{args.data}" + ("-quick" if args.quick else "")
+    name = (f"search-landscape-{args.data}" + (f"-train-seed{args.train_seed}" if args.train_seed else "")
+            + ("-quick" if args.quick else ""))
     atomic_write_bytes(target / f"{name}.json", (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(target / f"{name}.md", render(results).encode())
     print(f"wrote {target / name}.md and .json")
@@ -187,9 +193,11 @@ def render(r: dict) -> str:
              f"took {r['trained_here_s']:.0f} s, in this run or an earlier one kept in runs.json). Fidelity: "
              f"{r['fidelity']}. The {r['feasible_points']} configurations inside the budget at the rates "
              f"{', '.join(f'{x:g}' for x in r['rates'])}: {len(r['landscape'])} runs, {r['trained_here']} trained here, "
-             f"the others reused from the search bench's studies. Lower rates are not trained: the studies' "
-             f"{r['below']['runs']} runs at them reached at most {r['below']['best_accuracy']:.3f} validation accuracy. "
-             "They are counted as dominated, so where that comes near the front's cheap end the chances below are "
+             f"the others reused from the search bench's studies. Training seed {r.get('train_seed', 0)}. "
+             + (f"Lower rates are not trained: the studies' {r['below']['runs']} runs at them reached at most "
+                f"{r['below']['best_accuracy']:.3f} validation accuracy. " if r["below"]["runs"] else
+                "Lower rates are not trained (no study ran at them). ")
+             + "They are counted as dominated, so where that comes near the front's cheap end the chances below are "
              "lower bounds.", "",
              "## The true front", "", "| configuration | trainable parameters | validation accuracy |", "|---|---|---|"]
     lines += [f"| {n} | {names[n]['trainable_params']} | {names[n]['accuracy']:.3f} |" for n in r["front"]]

@@ -14,7 +14,6 @@ import torch
 
 from leanfit.budget.budget import check_reachable, parse_budget
 from leanfit.budget.cost import CostEstimate
-from leanfit.budget.local import neighbours
 from leanfit.budget.pareto import hypervolume_2d, nondominated_ranks, promotion_order
 from leanfit.budget.space import SearchSpace, method_rank_options
 from leanfit.cli import main
@@ -225,9 +224,18 @@ def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
     assert sum(t.user_attrs.get("status") == "trained" for t in trials) >= 6
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials of the one study
     assert len({t.number for t in trials}) == len(trials)
-    # both workers choose the local search's step alike (two queued copies could only be of one point)
-    local = [t for t in trials if t.user_attrs.get("proposed_by") == "local search"]
-    assert local and len({json.dumps(t.params, sort_keys=True) for t in local}) == 1
+    # both workers choose the model's steps alike: the very steps one worker alone takes (training is
+    # seeded, so the design scores the same), whoever ran them
+    alone = tmp_path / "alone"
+    assert run_cli(args[:args.index("--output") + 1] + [str(alone)]) == 0
+    assert model_steps(trials) == model_steps(trials_of(alone)) and len(model_steps(trials)) == 3
+
+
+def model_steps(trials) -> list[str]:
+    """The distinct configurations the model chose, in the order first queued."""
+    found = [json.dumps(t.params, sort_keys=True) for t in sorted(trials, key=lambda t: t.number)
+             if t.user_attrs.get("proposed_by") == "model"]
+    return list(dict.fromkeys(found))
 
 
 def test_a_space_smaller_than_the_trials_stops_after_a_bounded_number_of_proposals(tiny, tmp_path):
@@ -259,13 +267,13 @@ def test_the_initial_design_spreads_over_the_cost_range_with_every_method():
         search.costs[search._cost_key(point)] = _cost(round(share * 1e7), share, 4 * round(share * 1e7), 1.0)
     feasible = [math.log(c.trainable_share) for c in search.costs.values() if c.trainable_share <= 0.01]
     design = search.initial_design()
-    assert len(design) == search.design_count() == 8  # two thirds of 12
+    assert len(design) == search.design_count() == 6  # half of 12
     assert all(p["log10_lr"] == -2.0 for p in design)  # the top of the grid
     assert len({json.dumps(p, sort_keys=True) for p in design}) == len(design)
     costs = [math.log(search.costs[search._cost_key(p)].trainable_share) for p in design]
     assert costs[0] == min(feasible) and costs[1] == max(feasible)  # both ends first, inside the budget
     assert {p["method"] for p in design} == set(weight)
-    step = (max(feasible) - min(feasible)) / 7
+    step = (max(feasible) - min(feasible)) / 5
     gaps = [b - a for a, b in zip(sorted(costs), sorted(costs)[1:])]
     assert max(gaps) < 2 * step  # no stretch of the cost range left without a point
     assert spread_order(5) == [0, 4, 2, 1, 3] and sorted(spread_order(13)) == list(range(13))
@@ -275,9 +283,9 @@ def test_tpe_starts_from_its_design_and_random_search_does_not(tiny, tmp_path):
     out = tmp_path / "design"
     assert run_cli(search_args(tiny, out, 6, "params=4%", "--finalists", "0")) == 0
     trials = sorted(trials_of(out), key=lambda t: t.number)
-    design = [t for t in trials if t.system_attrs.get("fixed_params")]
+    design = [t for t in trials if t.system_attrs.get("fixed_params") and "proposed_by" not in t.user_attrs]
     assert [t.number for t in design] == list(range(len(design)))  # before any other trial
-    assert len(design) == 4  # two thirds of the 6
+    assert len(design) == 3  # half of the 6
     assert all(t.params["log10_lr"] == -1.0 for t in design)  # the top of --lr-range 1e-3:1e-1
     rows = json.loads((out / "search.json").read_text())["rungs"][0]["trials"]
     share = {r["trial"]: r["cost"]["trainable_share"] for r in rows if r.get("cost")}
@@ -285,7 +293,7 @@ def test_tpe_starts_from_its_design_and_random_search_does_not(tiny, tmp_path):
     assert {t.params["method"] for t in design} == {"lora", "ia3", "bitfit"}
     assert share[design[0].number] == min(feasible) and share[design[1].number] == max(feasible)
 
-    assert all(t.params["log10_lr"] == -1.0 for t in trials if t.params)  # TPE's own proposals too
+    assert all(t.params["log10_lr"] == -1.0 for t in trials if t.params)  # the model's steps too
 
     plain = tmp_path / "random"
     assert run_cli(search_args(tiny, plain, 3, "params=4%", "--finalists", "0", "--sampler", "random")) == 0
@@ -294,18 +302,31 @@ def test_tpe_starts_from_its_design_and_random_search_does_not(tiny, tmp_path):
     assert any(t.params["log10_lr"] < -1.0 for t in drawn)  # random search draws the rate as well
 
 
-def test_after_the_design_a_local_step_trains_a_neighbour_of_the_front(tiny, tmp_path):
-    out = tmp_path / "local"
-    assert run_cli(search_args(tiny, out, 6, "params=10%", "--finalists", "0")) == 0
+def test_after_the_design_each_trial_is_the_models_likeliest_step_off_the_front(tiny, tmp_path):
+    from leanfit.budget.acquire import next_step
+    from leanfit.budget.search import Search
+    from leanfit.budget.search_cli import settings_from_args
+    from leanfit.cli import _parser
+    out = tmp_path / "model"
+    args = [str(a) for a in search_args(tiny, out, 6, "params=10%", "--finalists", "0")]
+    assert run_cli(args) == 0
     trials = sorted(trials_of(out), key=lambda t: t.number)
     design = [t for t in trials if t.system_attrs.get("fixed_params") and "proposed_by" not in t.user_attrs]
-    local = [t for t in trials if t.user_attrs.get("proposed_by") == "local search"]
-    # one step (half of the 2 trials after the 4 of the design), right after the design
-    assert len(design) == 4 and [t.number for t in local] == [4]
-    space = SearchSpace(methods=("lora", "ia3", "bitfit"), train_layers=(1, "all"), ranks=(2, 4), lr_min=1e-3, lr_max=1e-1)
-    assert any(local[0].params in neighbours(t.params, space) for t in design)
-    assert local[0].user_attrs["status"] == "trained"
-    assert sum(t.user_attrs.get("status") == "trained" for t in trials) == 6  # the step is one of the 6 trials
+    steps = [t for t in trials if t.user_attrs.get("proposed_by") == "model"]
+    # the 3 trials after the 3 of the design, each trained, none a repeat
+    assert [t.number for t in design] == [0, 1, 2] and [t.number for t in steps] == [3, 4, 5]
+    assert all(t.user_attrs["status"] == "trained" for t in steps)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 6
+    # each step is acquire.next_step over the trials before it, among the untried points inside the
+    # budget at the top rate (priced again here, as the search priced them)
+    search = Search(settings_from_args(_parser().parse_args(args)))
+    search.prepare()
+    feasible = [({**p, "log10_lr": -1.0}, c) for p in search.s.space.points() if (c := search._costs(p)) is not None]
+    for step in steps:
+        before = trials[:step.number]
+        scored = [(t.params, t.values[0], search._costs(t.params)) for t in before]
+        untried = [(p, c) for p, c in feasible if p not in [t.params for t in before]]
+        assert step.params == next_step(scored, untried, search.s.space)
 
 
 def test_a_causal_lm_search_minimises_perplexity_and_steps_the_rate_down(tiny, tmp_path):

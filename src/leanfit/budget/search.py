@@ -11,9 +11,9 @@
    costs are known before training, so these anchor the whole front. They compare configurations
    at the top learning rate of the grid (`fixed_rate`): a short run ranks rates by how far a few
    steps get, not by where a full run ends, so the rate is searched at the full run (4).
-   After the design, half of the remaining trials go to a Pareto local search (local.py): the
-   neighbour of the front (rank, blocks or target set one step away) that would widen it most if it
-   scored as well as its front parent; the sampler proposes the rest.
+   After the design, each trial is the configuration a model of the score (acquire.py, a Gaussian
+   process) finds most likely not to be dominated by a trained one; the sampler proposes only if
+   every configuration inside the budget has been tried.
 3. Successive halving: the most promising configurations (best Pareto ranks, then accuracy) are
    trained again on `eta` times more rows, and so on; the last rung is the full run as configured,
    for `finalists` configurations. Each rung is its own study in the same storage, fed through
@@ -38,17 +38,18 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, LeanfitError
-from .local import next_step
+from .acquire import next_step
 from .pareto import promotion_order
 from .settings import COST_OBJECTIVES, Fidelity, SearchSettings
 from .space import describe
 from .study import POLL_S, RATES_SUFFIX, counts, fail_stale, make_sampler, open_study, storage_for, work
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (several may share a study)
-DESIGN_SHARE = 2 / 3  # of a study's trials, taken by the initial design (on bbc-news, 2026-11-24, a third
-# or a half gave TPE fronts of lower hypervolume in 5 of 6 seeds)
-LOCAL_SHARE = 1 / 2  # of the trials after the design, taken by the local search (local.py); the sampler has the rest
-LOCAL = "local search"  # the `proposed_by` mark of a local-search trial
+# Of a study's trials, taken by the initial design; the model's steps take the rest. Replayed on three
+# landscapes (bench/search_replay.py, 2026-12-07), a half left fewer configurations outside the front
+# than two thirds or a third in each: the model needs a spread of scores to start from, and steps.
+DESIGN_SHARE = 1 / 2
+MODEL = "model"  # the `proposed_by` mark of a trial the model chose (acquire.py)
 
 
 def train_and_validate(config) -> dict:
@@ -212,47 +213,50 @@ class Search:
                 total = self.s.trials if index == 0 else len(study.get_trials(deepcopy=False))
                 progress.start_rung(index, fidelity.label(self.s.base), total, study)
                 objective = self.objective(index, fidelity)
-                if index == 0 and self.local_steps():
+                if index == 0 and self.model_steps():
                     work(study, objective, target=None, on_trial=progress.on_trial)  # the design
-                    self.local_search(study, objective, progress.on_trial)
+                    self.model_search(study, objective, progress.on_trial)
                 work(study, objective, target=self.s.trials if index == 0 else None, on_trial=progress.on_trial)
             if len(studies) == len(ladder) > 1 and self.fixed_rate() is not None:
                 studies.append(self.descend_rate(storage, studies[-1], ladder[-1], len(ladder), progress))
                 ladder = ladder + [ladder[-1]]
         return collect(self, studies, ladder, time.perf_counter() - started)
 
-    def local_steps(self) -> int:
-        """Trials of the local search (local.py): LOCAL_SHARE of those after the initial design, for a
-        sampler that starts from the design and a cost objective to widen the front along."""
-        if not self.s.initial_design or self.s.sampler == "random" or len(self.s.objectives) < 2:
-            return 0
-        return math.ceil(max(0, self.s.trials - self.design_count()) * LOCAL_SHARE)
+    def model_steps(self) -> bool:
+        """Whether the trials after the initial design are the model's steps (acquire.py): for a sampler
+        that starts from the design, with a cost objective to widen the front along."""
+        return self.s.initial_design and self.s.sampler != "random" and len(self.s.objectives) > 1
 
-    def local_search(self, study, objective, on_trial) -> None:
-        """Train `local_steps` neighbours of the front, each chosen once the last one has trained. A
-        resumed study, or a second worker, takes only the steps not yet queued; all workers see the
-        same trained trials when they choose (study.work waits for running ones), so they choose alike."""
-        sign, steps = (1 if self.maximize else -1), self.local_steps()
-        feasible = [c for c in map(self._price, self.s.space.points()) if c is not None]
-        while feasible:
-            trials = study.get_trials(deepcopy=False)
-            taken = sum(t.user_attrs.get("proposed_by") == LOCAL for t in trials)
-            if taken >= steps or counts(study)["trained"] >= self.s.trials:
-                return
-            scored = [(t.params, sign * t.values[0], self._price(t.params)) for t in _distinct_complete(study)]
-            step = next_step([s for s in scored if s[2] is not None], [t.params for t in trials], self.s.space,
-                             self._price, max(feasible))
+    def model_search(self, study, objective, on_trial) -> None:
+        """Train, one at a time until the study has its trials, the configuration inside the budget the
+        model finds most likely not to be dominated. A resumed study, or a second worker, goes on from
+        the trials already there; all workers see the same trained trials when they choose (study.work
+        waits for running ones), so they choose alike."""
+        sign, rate = (1 if self.maximize else -1), self.fixed_rate()
+        feasible = [(point, costs) for point in self.s.space.points() if (costs := self._costs(point)) is not None]
+        feasible = [({k: v for k, v in p.items() if k != "log10_lr"} | ({} if rate is None else {"log10_lr": rate}), c)
+                    for p, c in feasible]
+        while counts(study)["trained"] < self.s.trials:
+            tried = [t.params for t in study.get_trials(deepcopy=False)]
+            scored = [(t.params, sign * t.values[0], self._costs(t.params)) for t in _distinct_complete(study)]
+            step = next_step([s for s in scored if s[2] is not None], [c for c in feasible if c[0] not in tried],
+                             self.s.space)
             if step is None:
                 return
-            study.enqueue_trial(step, user_attrs={"proposed_by": LOCAL}, skip_if_exists=True)
+            study.enqueue_trial(step, user_attrs={"proposed_by": MODEL}, skip_if_exists=True)
             work(study, objective, target=None, on_trial=on_trial)
 
-    def _price(self, point: dict) -> float | None:
-        """A point's cost by the first cost objective (trainable parameters without one); None if it
-        cannot be built or does not fit the budget."""
-        cost_of = COST_OBJECTIVES[self.s.objectives[1]] if len(self.s.objectives) > 1 else "trainable_params"
+    def _costs(self, point: dict) -> tuple[float, ...] | None:
+        """A point's costs by each cost objective (trainable parameters without one); None if it cannot
+        be built or does not fit the budget."""
+        names = [COST_OBJECTIVES[o] for o in self.s.objectives[1:]] or ["trainable_params"]
         cost = self.cost(point)
-        return float(getattr(cost, cost_of)) if cost is not None and self.s.budget.fits(cost) else None
+        return tuple(float(getattr(cost, n)) for n in names) if cost is not None and self.s.budget.fits(cost) else None
+
+    def _price(self, point: dict) -> float | None:
+        """A point's cost by the first cost objective, as `_costs`."""
+        costs = self._costs(point)
+        return None if costs is None else costs[0]
 
     def fixed_rate(self) -> float | None:
         """log10 of the rate TPE and NSGA-II compare configurations at in the first rung: the top of the
@@ -365,7 +369,7 @@ def _same_point(trial):
     """A finished trial of this study with the same parameters, whose result is reused, or None.
 
     An earlier trial of the point that another worker is running is waited for: two workers can queue
-    one local step at once (Optuna's enqueue_trial checks `skip_if_exists` and adds in two
+    one model step at once (Optuna's enqueue_trial checks `skip_if_exists` and adds in two
     transactions), and constant-liar TPE can propose one point to both; the point trains once. A dead
     worker's trial is failed once its heartbeat is stale, which ends the wait."""
     from optuna.trial import TrialState
