@@ -177,6 +177,19 @@ def render(kept: dict) -> str:
              "whose front the study's front does not dominate. Rates the landscape lacks count as dominated, so these "
              "chances are lower bounds where such runs come near the front's cheap end "
              "(search-landscape-*.md say how near).", ""]
+    if kept.get("before"):  # the same replays of the rule this one replaced
+        lines += [f"Before: {kept['before']['rule']}. Mean chance that random search's front is not dominated, and "
+                  "mean hypervolume:", "", "| landscape | trials | before | now | hypervolume before | now |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in kept["replays"].items():
+            old = kept["before"]["replays"].get(name)
+            if old:
+                lines.append(f"| {r['landscape']} | {r['trials']} | "
+                             f"{statistics.mean(row['random_finds_one'] for row in old['rows']):.3f} | "
+                             f"{statistics.mean(row['random_finds_one'] for row in r['rows']):.3f} | "
+                             f"{statistics.mean(row['hypervolume'] for row in old['rows']):.4f} | "
+                             f"{statistics.mean(row['hypervolume'] for row in r['rows']):.4f} |")
+        lines.append("")
     for name, r in kept["replays"].items():
         chances = [row["random_finds_one"] for row in r["rows"]]
         lines += [f"## {r['data']}, training seed {r['train_seed']}, {r['trials']} trials ({r['landscape']})", "",
