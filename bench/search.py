@@ -1,4 +1,4 @@
-"""Issue 5's search benchmark: `leanfit search` (multi-objective TPE) against Optuna's RandomSampler at
+"""Issue 5's search benchmark: `leanfit search` (initial design, then a model's steps) against Optuna's RandomSampler at
 the same number of trials, over the same space, budget and fidelity, on bbc-news and tweets-sentiment
 with MiniLM; then the best configuration under a 0.5% parameter budget trained in full (successive
 halving's last rung) and compared on the test split with LoRA r=8 on every linear layer of every block,
@@ -24,7 +24,7 @@ lost 1.18 points when trained in full (2026-11-24), too noisy a score to guide a
 
 Where the time goes: each trial's training time is in search.json (about 13 s a trial on bbc-news at
 64 tokens, loading included); the first study of each data set also calibrates the cost model and
-prices the space's 88 points (about 1.5 minutes); TPE's initial design, and the local search's steps
+prices the space's 88 points (about 1.5 minutes); the search's initial design, and the model's steps
 after it, are the same in every seed and are trained once; each full run of a finalist takes 80-120 s,
 and the rate descent after them one more full run per step (one, 120 s, on 2026-11-24).
 """
@@ -223,7 +223,7 @@ def summary(rows: list, sampler: str) -> tuple[float, float]:
 
 def render(results: dict) -> str:
     env = results["environment"]
-    lines = ["# Search: `leanfit search` (initial design, local search, multi-objective TPE) against random "
+    lines = ["# Search: `leanfit search` (initial design, then the model's steps) against random "
              "search at equal trials", "",
              f"Produced by `bench/search.py`{' --quick (smoke settings, not a result)' if results['quick'] else ''} "
              f"on {env['cpu']} ({env['threads']} threads, torch {env['torch']}, Optuna {env['optuna']}); "
