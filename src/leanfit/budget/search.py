@@ -6,14 +6,14 @@
    time, down) samples configurations at a cheap fidelity (a subset of the training rows, few epochs,
    optionally shorter sequences). The budget enters as Optuna constraints, known before training:
    a configuration over budget is recorded with its constraint values and never trained. A point
-   proposed twice is trained once. TPE and NSGA-II start from an initial design (`initial_design`):
+   proposed twice is trained once. The search starts from an initial design (`initial_design`):
    configurations spread evenly over the log of the cost inside the budget, every method in turn;
-   costs are known before training, so these anchor the whole front. They compare configurations
-   at the top learning rate of the grid (`fixed_rate`): a short run ranks rates by how far a few
-   steps get, not by where a full run ends, so the rate is searched at the full run (4).
-   After the design, each trial is the configuration a model of the score (acquire.py, a Gaussian
-   process) finds most likely not to be dominated by a trained one; the sampler proposes only if
-   every configuration inside the budget has been tried.
+   costs are known before training, so these anchor the whole front. After the design, each trial
+   is the configuration a model of the score (acquire.py, a Gaussian process) finds most likely not
+   to be dominated by a trained one; Optuna's sampler (TPE, NSGA-II) proposes only what these leave
+   (`model_steps`). All compare configurations at the top learning rate of the grid (`fixed_rate`):
+   a short run ranks rates by how far a few steps get, not by where a full run ends, so the rate is
+   searched at the full run (4).
 3. Successive halving: the most promising configurations (best Pareto ranks, then accuracy) are
    trained again on `eta` times more rows, and so on; the last rung is the full run as configured,
    for `finalists` configurations. Each rung is its own study in the same storage, fed through
