@@ -216,6 +216,9 @@ def environment() -> dict:
             "cpu": cpu, "python": platform.python_version()}
 
 
+LABEL = {"tpe": "search"}  # `leanfit search`'s default: the design, the model's steps, TPE for what they leave
+
+
 def summary(rows: list, sampler: str) -> tuple[float, float]:
     values = [r["hypervolume"] for r in rows if r["sampler"] == sampler]
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -247,16 +250,16 @@ def render(results: dict) -> str:
                   "| seed | sampler | hypervolume | front weakly dominates the other's | trained | over budget "
                   "| repeated points | training s (own trials) |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['seed']} | {r['sampler']} | {r['hypervolume']:.4f} | {'yes' if r['dominates_other'] else 'no'} "
+            lines.append(f"| {r['seed']} | {LABEL.get(r['sampler'], r['sampler'])} | {r['hypervolume']:.4f} | {'yes' if r['dominates_other'] else 'no'} "
                          f"| {r['trained']} | {r['over_budget']} | {r['repeated']} | {r['train_s']:.0f} |")
         (tm, ts), (rm, rs) = summary(rows, "tpe"), summary(rows, "random")
         wins = sum(a["hypervolume"] > b["hypervolume"] for a, b in zip(rows[::2], rows[1::2]))
-        lines += ["", f"Mean hypervolume: TPE {tm:.4f} ± {ts:.4f}, random {rm:.4f} ± {rs:.4f} "
-                  f"(TPE higher in {wins} of {len(rows) // 2} seeds).", ""]
+        lines += ["", f"Mean hypervolume: search {tm:.4f} ± {ts:.4f}, random {rm:.4f} ± {rs:.4f} "
+                  f"(search higher in {wins} of {len(rows) // 2} seeds).", ""]
         best = task.get("best")
         if best and best["name"]:
             ref = task.get("reference") or results.get("reference")
-            lines += [f"Best configuration under {BUDGET} (TPE seed {task['seeds'][0]}, successive halving "
+            lines += [f"Best configuration under {BUDGET} (search seed {task['seeds'][0]}, successive halving "
                       + ", ".join(f"{r['fidelity']}: {r['trained']} trained" for r in best["rungs"])
                       + f"; {best['halving_elapsed_s']:.0f} s): **{best['name']}**, "
                       f"{100 * best['trainable_share']:.3f}% trainable.", "",
@@ -297,7 +300,7 @@ def plot(results: dict, path: str) -> None:
                     front.append((x, y))
                     best = y
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=color, marker="o",
-                    label=f"{sampler} (hypervolume {row['hypervolume']:.3f})")
+                    label=f"{LABEL.get(sampler, sampler)} (hypervolume {row['hypervolume']:.3f})")
         ax.set_xlabel("trainable parameters (% of the model)")
         ax.set_ylabel("validation accuracy (search fidelity)")
         ax.set_title(f"{data}, seed {seed}, {task['trials']} trials, {BUDGET}", fontsize=9)

@@ -233,9 +233,7 @@ class Search:
         the trials already there; all workers see the same trained trials when they choose (study.work
         waits for running ones), so they choose alike."""
         sign, rate = (1 if self.maximize else -1), self.fixed_rate()
-        feasible = [(point, costs) for point in self.s.space.points() if (costs := self._costs(point)) is not None]
-        feasible = [({k: v for k, v in p.items() if k != "log10_lr"} | ({} if rate is None else {"log10_lr": rate}), c)
-                    for p, c in feasible]
+        feasible = [(at_rate(p, rate), costs) for p in self.s.space.points() if (costs := self._costs(p)) is not None]
         while counts(study)["trained"] < self.s.trials:
             tried = [t.params for t in study.get_trials(deepcopy=False)]
             scored = [(t.params, sign * t.values[0], self._costs(t.params)) for t in _distinct_complete(study)]
@@ -300,7 +298,7 @@ class Search:
         where a method already in the design counts half a slot farther per use.
 
         Costs are known before training, so the front can be anchored along its whole length before
-        the sampler has seen a score (each method's two ends alone, the design until 2026-11-24, left
+        anything has been scored (each method's two ends alone, the design until 2026-11-24, left
         the middle of the cost range to chance). A short low-fidelity run learns most at the top rate
         (bbc-news, 2026-11-24: 53 of 58 runs below it ended under 0.50 validation accuracy, the 22 at
         it 0.62-0.92; see `fixed_rate`)."""
@@ -320,12 +318,10 @@ class Search:
                              if p not in design), key=lambda item: item[0])
             design.append(chosen)
             uses[chosen["method"]] = uses.get(chosen["method"], 0) + 1
-        points = [{k: v for k, v in p.items() if k != "log10_lr"} for p in design]
-        rate = self.fixed_rate()  # None for a single rate: as SearchSpace.suggest, then not a parameter
-        return points if rate is None else [{**p, "log10_lr": rate} for p in points]
+        return [at_rate(p, self.fixed_rate()) for p in design]
 
     def design_count(self) -> int:
-        """Trials the initial design takes: two thirds of the study's, leaving the rest to the sampler."""
+        """Trials the initial design takes: half of the study's, leaving the rest to the model's steps."""
         return max(1, round(self.s.trials * DESIGN_SHARE))
 
     def _sampler_factory(self, rung: int) -> Callable[[int], object]:
@@ -346,6 +342,12 @@ class Search:
         for i in promotion_order(points)[:count]:
             study.enqueue_trial(done[i].params, user_attrs={"source": done[i].number}, skip_if_exists=True)
         return True
+
+
+def at_rate(point: dict, rate: float | None) -> dict:
+    """`point` at the learning rate `rate` (log10), or without one for None: a grid of a single rate,
+    where SearchSpace.suggest makes the rate no parameter."""
+    return {k: v for k, v in point.items() if k != "log10_lr"} | ({} if rate is None else {"log10_lr": rate})
 
 
 def spread_order(count: int) -> list[int]:
