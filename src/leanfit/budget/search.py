@@ -42,7 +42,8 @@ from .acquire import next_step
 from .pareto import promotion_order
 from .settings import COST_OBJECTIVES, Fidelity, SearchSettings
 from .space import describe
-from .study import POLL_S, RATES_SUFFIX, counts, fail_stale, make_sampler, open_study, storage_for, work
+from .study import (POLL_S, RATES_SUFFIX, counts, fail_stale, make_sampler, open_study, run_waiting, storage_for,
+                    work)
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (several may share a study)
 # Of a study's trials, taken by the initial design; the model's steps take the rest. Replayed on three
@@ -74,6 +75,7 @@ class Search:
         # model, data set and run shape share them.
         self.costs: dict[str, object] = prices if prices is not None else {}
         self.errors: dict[str, str] = {}
+        self._queued_only = False  # while the model's steps run: a trial the sampler proposes is not run
 
     # --- setup: data, base model, costs of the whole space -------------------------------------------
     def prepare(self) -> None:
@@ -134,7 +136,8 @@ class Search:
         import optuna
 
         def run_trial(trial):
-            if rung > 0 and "source" not in trial.user_attrs:  # the queue ran dry under another worker
+            # another worker took the queued trial (a promotion, a model's step) this one was to run
+            if "source" not in trial.user_attrs if rung > 0 else self._queued_only and "proposed_by" not in trial.user_attrs:
                 trial.set_user_attr("status", "unused")
                 raise optuna.TrialPruned()
             params = self.s.space.suggest(trial)
@@ -228,21 +231,32 @@ class Search:
         return self.s.initial_design and self.s.sampler != "random" and len(self.s.objectives) > 1
 
     def model_search(self, study, objective, on_trial) -> None:
-        """Train, one at a time until the study has its trials, the configuration inside the budget the
-        model finds most likely not to be dominated. A resumed study, or a second worker, goes on from
-        the trials already there; all workers see the same trained trials when they choose (study.work
-        waits for running ones), so they choose alike."""
+        """Train the configuration inside the budget the model finds most likely not to be dominated,
+        then the next, until the study has its trials. A configuration queued or running in another
+        worker counts as tried (its score is not known yet), so several workers train different steps
+        at once; one worker alone chooses each step once the last has trained. A resumed study goes on
+        from the trials there."""
         sign, rate = (1 if self.maximize else -1), self.fixed_rate()
         feasible = [(at_rate(p, rate), costs) for p in self.s.space.points() if (costs := self._costs(p)) is not None]
-        while counts(study)["trained"] < self.s.trials:
-            tried = [t.params for t in study.get_trials(deepcopy=False)]
+        while True:
+            fail_stale(study)
+            state = counts(study)
+            if state["trained"] + state.get("RUNNING", 0) + state.get("WAITING", 0) >= self.s.trials:
+                break
+            # a queued trial has no params yet, only the ones it will run with
+            tried = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
             scored = [(t.params, sign * t.values[0], self._costs(t.params)) for t in _distinct_complete(study)]
             step = next_step([s for s in scored if s[2] is not None], [c for c in feasible if c[0] not in tried],
                              self.s.space)
             if step is None:
-                return
+                break
             study.enqueue_trial(step, user_attrs={"proposed_by": MODEL}, skip_if_exists=True)
-            work(study, objective, target=None, on_trial=on_trial)
+            self._queued_only = True  # not the sampler's, if another worker took the step first
+            try:
+                run_waiting(study, objective, on_trial)  # this step, or one another worker queued meanwhile
+            finally:
+                self._queued_only = False
+        work(study, objective, target=None, on_trial=on_trial)  # what is still queued; then the others' runs
 
     def _costs(self, point: dict) -> tuple[float, ...] | None:
         """A point's costs by each cost objective (trainable parameters without one); None if it cannot

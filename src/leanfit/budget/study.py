@@ -141,6 +141,12 @@ def fail_stale(study) -> None:
         fail_stale_trials(study)
 
 
+def run_waiting(study, objective, on_trial: Callable | None = None) -> None:
+    """Run one queued trial, if one still waits (another worker may have taken it)."""
+    if counts(study).get("WAITING", 0):
+        study.optimize(objective, n_trials=1, callbacks=[on_trial] if on_trial else None, gc_after_trial=True)
+
+
 def work(study, objective, *, target: int | None, on_trial: Callable | None = None) -> None:
     """Run trials until `target` of them have trained (None: until the queue of waiting trials is
     empty), then wait for other workers' running trials, so every worker sees the same results.
