@@ -85,8 +85,7 @@ def replay(data: str, seed: int, trials: int, lookup: Lookup, prices: dict, fold
     for trial in study.trials:
         if trial.user_attrs.get("status") == "trained":
             entry = lookup.runs[key_of(trial.params)]
-            queued = "design" if trial.system_attrs.get("fixed_params") else "sampler"  # the design is queued
-            found.append({**entry, "proposed_by": trial.user_attrs.get("proposed_by", queued)})
+            found.append({**entry, "proposed_by": trial.user_attrs.get("proposed_by", "sampler")})
     return found
 
 

@@ -280,7 +280,7 @@ def test_tpe_starts_from_its_design_and_random_search_does_not(tiny, tmp_path):
     out = tmp_path / "design"
     assert run_cli(search_args(tiny, out, 6, "params=4%", "--finalists", "0")) == 0
     trials = sorted(trials_of(out), key=lambda t: t.number)
-    design = [t for t in trials if t.system_attrs.get("fixed_params") and "proposed_by" not in t.user_attrs]
+    design = [t for t in trials if t.user_attrs.get("proposed_by") == "design"]
     assert [t.number for t in design] == list(range(len(design)))  # before any other trial
     assert len(design) == 3  # half of the 6
     assert all(t.params["log10_lr"] == -1.0 for t in design)  # the top of --lr-range 1e-3:1e-1
@@ -308,7 +308,7 @@ def test_after_the_design_each_trial_is_the_models_likeliest_step_off_the_front(
     args = [str(a) for a in search_args(tiny, out, 6, "params=10%", "--finalists", "0")]
     assert run_cli(args) == 0
     trials = sorted(trials_of(out), key=lambda t: t.number)
-    design = [t for t in trials if t.system_attrs.get("fixed_params") and "proposed_by" not in t.user_attrs]
+    design = [t for t in trials if t.user_attrs.get("proposed_by") == "design"]
     steps = [t for t in trials if t.user_attrs.get("proposed_by") == "model"]
     # the 3 trials after the 3 of the design, each trained, none a repeat
     assert [t.number for t in design] == [0, 1, 2] and [t.number for t in steps] == [3, 4, 5]

@@ -50,7 +50,7 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (s
 # landscapes (bench/search_replay.py, 2026-12-07), a half left fewer configurations outside the front
 # than two thirds or a third in each: the model needs a spread of scores to start from, and steps.
 DESIGN_SHARE = 1 / 2
-MODEL = "model"  # the `proposed_by` mark of a trial the model chose (acquire.py)
+DESIGN, MODEL = "design", "model"  # `proposed_by` of a trial queued by the initial design, or by the model (acquire.py)
 
 
 def train_and_validate(config) -> dict:
@@ -136,8 +136,9 @@ class Search:
         import optuna
 
         def run_trial(trial):
-            # another worker took the queued trial (a promotion, a model's step) this one was to run
-            if "source" not in trial.user_attrs if rung > 0 else self._queued_only and "proposed_by" not in trial.user_attrs:
+            queue_ran_dry = ("source" not in trial.user_attrs if rung > 0
+                             else self._queued_only and "proposed_by" not in trial.user_attrs)
+            if queue_ran_dry:  # another worker took the queued trial (a promotion, a model's step) this one was to run
                 trial.set_user_attr("status", "unused")
                 raise optuna.TrialPruned()
             params = self.s.space.suggest(trial)
@@ -211,7 +212,7 @@ class Search:
                 elif self.s.initial_design and self.s.sampler != "random":
                     # idempotent: a resumed study skips them
                     for params in self.initial_design():
-                        study.enqueue_trial(params, skip_if_exists=True)
+                        study.enqueue_trial(params, user_attrs={"proposed_by": DESIGN}, skip_if_exists=True)
                 studies.append(study)
                 total = self.s.trials if index == 0 else len(study.get_trials(deepcopy=False))
                 progress.start_rung(index, fidelity.label(self.s.base), total, study)
