@@ -13,7 +13,9 @@ the front's points at the same score. The configurations most likely to be outsi
 try. Replayed on the bench's landscapes (bench/search_replay.py; 2026-12-07), where a random search
 of as many trials drew a configuration outside the front in 30% / 25% / 47% of runs after the
 neighbour-based local search this replaces (bbc-news 20 trials, tweets-sentiment 20 and 10), after
-this rule it did in 14% / 11% / 19%. The local search could only move one knob from a front point
+this rule it did in 14% / 11% / 19%. On two landscapes recorded after the choice (training seed 1):
+56% -> 0% on bbc-news, and on tweets-sentiment, whose scores lie within noise of each other,
+24% -> 22% at 20 trials but 36% -> 42% at 10. The local search could only move one knob from a front point
 and valued a step by the hypervolume it would add if it scored as well as its parent, so it never
 tried an equally priced configuration of another shape (bitfit beside the design's IA3, LoRA r=8 on
 one block beside r=4 on two), which is where most of what it left outside lay.
