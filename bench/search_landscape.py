@@ -157,15 +157,14 @@ def main() -> None:
                                                "trainable_params": t["params_trained"]}
     search = Search(settings_for(args.data, task, "tpe", 0, 0, train_seed=args.train_seed), evaluate=memo)
     search.prepare()
-    low, high, step = SPACE.lr_grid()
-    grid = [round(low + i * step, 6) for i in range(round((high - low) / step) + 1)]
+    grid = SPACE.log10_rates()
     rates = grid[-args.rates:]
     landscape, trained_here = train_landscape(search, folder, memo, rates)
     feasible = {cost_only(p) for p in SPACE.points() if search._price(p) is not None}
     points = {k: (v["trainable_params"], v["accuracy"]) for k, v in landscape.items()}
     keys = list(points)
     front = sorted((keys[i] for i in pareto_front([(c, -a) for c, a in points.values()])), key=lambda k: points[k][0])
-    below = [t for trials in trained.values() for t in trials if t["params"].get("log10_lr", high) < rates[0] - 1e-9]
+    below = [t for trials in trained.values() for t in trials if t["params"].get("log10_lr", grid[-1]) < rates[0] - 1e-9]
     validation_rows = int(search.data.validation["input_ids"].shape[0])
     rows_scored = min(search.s.search_eval_rows or validation_rows, validation_rows)
     rng = random.Random(0)

@@ -120,8 +120,7 @@ def main() -> None:
     args.data = recorded["data"]
     trials = args.trials or recorded["trials"]
     landscape, lookup, prices = recorded["landscape"], Lookup(recorded["landscape"]), {}
-    low, high, step = SPACE.lr_grid()
-    grid = [round(low + i * step, 6) for i in range(round((high - low) / step) + 1)]
+    grid, feasible = SPACE.log10_rates(), {cost_only(e["params"]) for e in landscape}
     budget_params = None
     rows = []
     started = time.perf_counter()
@@ -131,7 +130,6 @@ def main() -> None:
             if budget_params is None:  # the budget in parameters: the share limit times the model's parameters
                 any_cost = next(iter(prices.values()))
                 budget_params = parse_budget(BUDGET).limits[0].value * any_cost.total_params
-                feasible = {cost_only(e["params"]) for e in landscape}
             row = {"seed": seed, "trained": len(trained), **judge(trained, landscape, feasible, trials, grid,
                                                                   budget_params, random.Random(seed)),
                    "trials": [f"{t['proposed_by']}: {t['name']} ({t['accuracy']:.3f})" for t in trained]}

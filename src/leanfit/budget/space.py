@@ -66,10 +66,13 @@ class SearchSpace:
         points = math.floor((math.log10(self.lr_max) - low) / step + 1e-9)
         return round(low, 6), round(low + points * step, 6), step
 
-    def learning_rates(self) -> list[float]:
+    def log10_rates(self) -> list[float]:
+        """log10 of every learning rate of the grid, lowest first (the values `suggest` draws)."""
         low, high, step = self.lr_grid()
-        n = round((high - low) / step)
-        return [_lr(low + i * step) for i in range(n + 1)]
+        return [round(low + i * step, 6) for i in range(round((high - low) / step) + 1)]
+
+    def learning_rates(self) -> list[float]:
+        return [_lr(r) for r in self.log10_rates()]
 
     # --- Optuna -------------------------------------------------------------------------------------
     def suggest(self, trial) -> dict:
