@@ -299,6 +299,18 @@ def test_tpe_starts_from_its_design_and_random_search_does_not(tiny, tmp_path):
     assert any(t.params["log10_lr"] < -1.0 for t in drawn)  # random search draws the rate as well
 
 
+def test_optunas_gp_sampler_proposes_the_trials_after_its_random_start(tiny, tmp_path):
+    out = tmp_path / "gp"
+    assert run_cli(search_args(tiny, out, 5, "params=4%", "--finalists", "0", "--sampler", "gp",
+                               "--no-initial-design", "--startup-trials", "2")) == 0
+    trials = sorted(trials_of(out), key=lambda t: t.number)
+    modelled = [t for t in trials if any(k.startswith("gp:relative_params") for k in t.system_attrs)]
+    assert modelled and all(t.number >= 2 for t in modelled)  # after the two random ones, Optuna's GP proposes
+    assert not any(t.user_attrs.get("proposed_by") for t in trials)  # no design, no model steps of ours
+    assert sum(t.user_attrs.get("status") == "trained" for t in trials) == 5
+    assert all(t.params["log10_lr"] == -1.0 for t in trials if t.params)  # compared at the top rate, as TPE
+
+
 def test_after_the_design_each_trial_is_the_models_likeliest_step_off_the_front(tiny, tmp_path):
     from leanfit.budget.acquire import next_step
     from leanfit.budget.search import Search

@@ -21,12 +21,14 @@ def add_commands(subparsers) -> dict:
                         "budget or repeating a trained point do not count)")
     p.add_argument("--objectives", default="accuracy,params",
                    help="accuracy, then any of params, bytes, memory, latency, time (default accuracy,params)")
-    p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"],
-                   help="proposes the trials that the initial design and the model's steps leave: all of them with "
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "gp", "random"],
+                   help="Optuna's TPE, NSGA-II or Gaussian process (gp) sampler: proposes the trials that the initial "
+                        "design and the model's steps leave: all of them with "
                         "--no-initial-design, those after the design for accuracy alone, none until every configuration "
                         "inside the budget is tried otherwise; random: plain random search (default tpe)")
     p.add_argument("--sampler-seed", dest="sampler_seed", type=int, default=0)
-    p.add_argument("--startup-trials", dest="startup_trials", type=int, help="random trials before TPE models")
+    p.add_argument("--startup-trials", dest="startup_trials", type=int,
+                   help="random trials before TPE or gp models")
     p.add_argument("--no-initial-design", dest="initial_design", action="store_false",
                    help="do not start from configurations spread over the cost range (at the top learning rate), "
                         "nor take the model's steps after them: the sampler proposes every trial")

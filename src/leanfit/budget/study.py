@@ -18,7 +18,7 @@ from ..errors import ConfigError
 HEARTBEAT_S = 20
 GRACE_S = 60
 POLL_S = 1.0
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
 FINISHED = ("COMPLETE", "PRUNED")
 TRAINED = ("trained", "failed")  # trial statuses that cost a training run; the others count for nothing
 PROPOSALS_PER_TRIAL = 5  # a space nearly exhausted or nearly all over budget stops after this many proposals each
@@ -72,7 +72,9 @@ def _serialise_sqlite(engine) -> None:
 
 def make_sampler(name: str, seed: int, trials: int, startup_trials: int | None = None, fixed: dict | None = None):
     """TPE (multivariate, grouped for the conditional rank, constant liar for parallel workers),
-    NSGA-II, or random search; all honour the budget constraints that trials set. `fixed` holds some
+    NSGA-II, Optuna's Gaussian process sampler (it models only parameters every trial has, so the
+    conditional rank is drawn at random, and only trained trials, so not what over budget was), or
+    random search; all honour the budget constraints that trials set. `fixed` holds some
     parameters at a value (Optuna's PartialFixedSampler) while the sampler draws the others."""
     import optuna
     if name not in SAMPLERS:
@@ -85,6 +87,9 @@ def make_sampler(name: str, seed: int, trials: int, startup_trials: int | None =
                                                  constant_liar=True)
         elif name == "nsga2":
             sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, trials // 3)))
+        elif name == "gp":  # Optuna's Gaussian process (log expected hypervolume improvement); random at first
+            startup = startup_trials if startup_trials is not None else min(10, max(3, trials // 2))
+            sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
         else:
             sampler = optuna.samplers.RandomSampler(seed=seed)
         return optuna.samplers.PartialFixedSampler(fixed, sampler) if fixed else sampler
