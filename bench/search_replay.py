@@ -195,10 +195,11 @@ def references(replays: dict) -> list[str]:
              "The same replays with Optuna's samplers in place of the search's rules (`--sampler`, `--rule`): mean "
              "chance that random search's front is not dominated, mean hypervolume in brackets, over the same "
              "sampler seeds. Every study compares configurations at the top rate, as the search does; the samplers "
-             "are made as `leanfit search --sampler` makes them (TPE multivariate and grouped, 6 random trials "
-             "before it models at 20 trials, 3 at 10; the GP after half the trials), and 'alone' is "
-             "`--no-initial-design`. 'leanfit's design, then' is an ablation only this bench makes: the design as "
-             "the search makes it, then the sampler in place of the model's steps.", "", "| landscape | trials | leanfit's search | " + " | ".join(labels) + " |",
+             "are made as `leanfit search --sampler` makes them (TPE multivariate and grouped, random for a third "
+             "of the trials, at least 3; the GP random for half), and 'alone' is `--no-initial-design`. 'leanfit's "
+             "design, then' is an ablation only this bench makes: the design as the search makes it, then the "
+             "sampler in place of the model's steps.", "",
+             "| landscape | trials | leanfit's search | " + " | ".join(labels) + " |",
              "|---|---|---|" + "---|" * len(labels)]
     for (landscape, trials), r in own.items():
         found = {x["reference"]: x for x in replays.values()
