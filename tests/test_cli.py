@@ -43,6 +43,24 @@ def test_bad_arguments_print_one_sentence_and_exit_2(capsys, tmp_path):
     one_sentence_error(capsys, ["tune", "--config", tmp_path / "c.json"], "Unknown tune option rnak")
 
 
+def test_values_no_run_can_use_are_refused_in_one_sentence_before_anything_loads(capsys, tmp_path):
+    for command in ("tune", "plan"):
+        one_sentence_error(capsys, [command, "--batch-size", "0"], "batch_size", "at least 1")
+        one_sentence_error(capsys, [command, "--max-length", "0"], "max_length", "at least 2")
+        one_sentence_error(capsys, [command, "--epochs", "-3"], "epochs", "at least 1")
+        one_sentence_error(capsys, [command, "--max-train-rows", "0"], "max_train_rows")  # not "every row"
+        one_sentence_error(capsys, [command, "--set", "rank=abc"], "Method 'lora'", "wrong kind")
+    one_sentence_error(capsys, ["search", "--epochs", "0"], "epochs", "at least 1")
+    for content, fragment in (({"epochs": "two"}, "epochs"), ({"lr": "fast"}, "lr must be a positive number"),
+                              ({"model": ["minilm"]}, "model must be"), ({"options": "rank=4"}, "options must be"),
+                              (None, "got null"), ([1, 2], "JSON object"), ("x", "JSON object")):
+        (tmp_path / "c.json").write_text(json.dumps(content))
+        one_sentence_error(capsys, ["tune", "--config", tmp_path / "c.json"], fragment)
+    (tmp_path / "a-file").write_text("kept")
+    one_sentence_error(capsys, ["search", "--trials", "1", "-o", tmp_path / "a-file"], "a file is in the way")
+    assert (tmp_path / "a-file").read_text() == "kept"
+
+
 def test_info_lists_every_registered_method(capsys):
     assert main(["info", "--methods"]) == 0
     out = capsys.readouterr().out

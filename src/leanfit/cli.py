@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     except LeanfitError as err:
         print(f"leanfit: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except (FileExistsError, NotADirectoryError) as err:  # an output folder asked for where a file lies
+        print(f"leanfit: Cannot make the folder '{err.filename}': a file is in the way; pass another output "
+              "folder.", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("leanfit: interrupted; resume with --resume.", file=sys.stderr)
         return 130

@@ -46,6 +46,12 @@ TOP_K_LR = 1e-3
 CAUSAL_LM_LR = 2e-3
 
 
+# Whole-number options and the least each may be (those in OPTIONAL may also be None: off, or every row).
+WHOLE_NUMBERS = {"epochs": 1, "batch_size": 1, "max_length": 2, "seed": 0, "checkpoint_every": 0, "lisa_period": 1,
+                 "max_train_rows": 1, "max_eval_rows": 1, "early_stopping_patience": 1, "lisa_layers": 1}
+OPTIONAL = ("max_train_rows", "max_eval_rows", "early_stopping_patience", "lisa_layers")
+
+
 @dataclass
 class TuneConfig:
     """Everything one run needs; a JSON file of these keys is what `leanfit tune --config` reads."""
@@ -90,8 +96,37 @@ class TuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TuneConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"Tune options must be a JSON object of option names and values, got "
+                              f"{json.dumps(data)[:60]}; write e.g. {{\"method\": \"lora\", \"epochs\": 3}}.")
         check_known(data, (f.name for f in fields(cls)), "tune option")
-        return cls(**data)
+        return cls(**data).check_options()
+
+    def check_options(self) -> "TuneConfig":
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options must be an object of method options, got {self.options!r}; "
+                              "write e.g. {\"rank\": 8}.")
+        return self
+
+    def check(self) -> "TuneConfig":
+        """Refuse values no run can use before anything loads, each in one sentence (`leanfit tune`,
+        `plan` and `search` call it; the trainer and the model check what needs them)."""
+        for name, low in WHOLE_NUMBERS.items():
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be a whole number of at least {low}"
+                                  f"{' (or left out)' if name in OPTIONAL else ''}, got {value!r}; fix the option.")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}; write e.g. 1e-3.")
+        for name in ("model", "data", "output", "method", "text_column", "label_column", "task"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a non-empty text, got {getattr(self, name)!r}; fix the option.")
+        self.check_options()
+        if self.method not in BASELINES:
+            config_from_dict({"method": self.method, **method_options(self.method, self.options)})  # validates them
+        return self
 
     def learning_rate(self, task: str | None = None) -> float:
         """The --lr given, else the default for this method and task."""

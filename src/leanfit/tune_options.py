@@ -114,4 +114,4 @@ def tune_config(args: argparse.Namespace):
     config.options = options
     if not args.output and not base.get("output"):
         config.output = f"out/{Path(str(config.data)).stem}-{config.method}"
-    return config
+    return config.check()

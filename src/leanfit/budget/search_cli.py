@@ -107,7 +107,7 @@ def _base_config(args):
     from ..tune_options import override, read_config_file
     return override(TuneConfig.from_dict(read_config_file(args.config)), args, (
         "model", "data", "task", "text_column", "label_column", "epochs", "batch_size", "max_length",
-        "max_eval_rows", "seed"))
+        "max_eval_rows", "seed")).check()
 
 
 def _items(text: str) -> list[str]:

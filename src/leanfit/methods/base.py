@@ -141,7 +141,11 @@ class MethodConfig:
         return type(self)(**{**asdict(self), **changes})
 
     def __post_init__(self) -> None:
-        self.validate()
+        try:
+            self.validate()
+        except (TypeError, ValueError) as err:  # e.g. rank="abc" from a command line or a JSON file
+            raise ConfigError(f"Method '{self.method}' has an option of the wrong kind ({err}); "
+                              "give numbers where it expects them, e.g. rank=8.") from None
 
     def validate(self) -> None:
         """Raise ConfigError on values that cannot work; subclasses extend."""
