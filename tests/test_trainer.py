@@ -220,6 +220,13 @@ def test_resume_refuses_another_batch_size(tmp_path):
                 progress=False, batch_size=4).fit()
 
 
+def test_resume_refuses_parameters_of_another_shape(tmp_path):
+    Trainer(classifier(), classification_data(), epochs=1, checkpoint_dir=tmp_path, **FAST).fit()
+    with pytest.raises(ConfigError, match=r"of shape \(24, 16\) but the model.s is \(24, 32\)"):
+        Trainer(classifier(dim=32), classification_data(), epochs=2, checkpoint_dir=tmp_path, resume=True,
+                **FAST).fit()
+
+
 def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path):
     model, data = build()
     Trainer(model, data, **KILL_RUN).fit()

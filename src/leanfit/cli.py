@@ -97,6 +97,9 @@ def _eval(args) -> int:
     config = TuneConfig(data=args.data or extra["data"], seed=args.seed, task=extra["task"],
                         text_column=extra.get("text_column", "text"), label_column=extra.get("label_column", "label"))
     dataset = load_data(config)
+    if dataset.task != extra["task"]:
+        raise ConfigError(f"The data set {config.data} is for {dataset.task} but the adapter was trained for "
+                          f"{extra['task']}; evaluate on data of the adapter's task.")
     if dataset.labels and extra.get("labels") and dataset.labels != extra["labels"]:
         raise ConfigError(f"The data's labels {dataset.labels} differ from the adapter's {extra['labels']}; "
                           "evaluate on data with the same label set.")

@@ -73,8 +73,14 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     file = path / MANIFEST
     if not file.is_file():
+        if (path / "adapter" / MANIFEST).is_file():  # a `leanfit tune` output folder: its adapter is one level down
+            raise ArtifactError(f"'{path}' is a run's output folder, not its adapter; pass '{path / 'adapter'}'.")
+        if not path.exists():
+            raise ArtifactError(f"No leanfit adapter at '{path}': nothing is there; pass the adapter folder "
+                                "(a `leanfit tune` run writes it to OUTPUT/adapter).")
         hint = " (it looks like a PEFT adapter: use import_peft)" if (path / "adapter_config.json").exists() else ""
-        raise ArtifactError(f"No leanfit adapter at '{path}': {MANIFEST} is missing{hint}; pass a directory written by save.")
+        raise ArtifactError(f"No leanfit adapter at '{path}': {MANIFEST} is missing{hint}; pass a directory written by "
+                            "save (a `leanfit tune` run writes it to OUTPUT/adapter).")
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -167,7 +167,7 @@ def _columns(records: list[dict], file: Path, task: str, text: str, label: str) 
         if column not in records[0]:
             raise DataError(
                 f"Data file {file} has no column {column!r} (it has {', '.join(map(repr, records[0]))}); "
-                f"pass text=/label= with the right names."
+                f"name the right ones (--text-column / --label-column, or text=/label= in Python)."
             )
     for i, record in enumerate(records):
         if any(record.get(column) is None for column in wanted):
@@ -210,7 +210,8 @@ def _dataset_rows(dataset, where: Path, task: str, text: str, label: str) -> lis
     if missing:
         raise DataError(
             f"Saved dataset split {where} has no column {missing[0]!r} (it has "
-            f"{', '.join(map(repr, records))}); pass text=/label= with the right names."
+            f"{', '.join(map(repr, records))}); name the right ones (--text-column / --label-column, or "
+            "text=/label= in Python)."
         )
     label_names = _class_label_names(dataset.features.get(label)) if task == CLASSIFICATION else None
     rows = []

@@ -94,14 +94,21 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return weights, best, state
 
 
-def check_resumable(path: Path, weights: dict, state: dict, trainable: list[str], config: dict) -> None:
-    """Refuse a checkpoint of other parameters, or one whose batches would not line up with this run."""
+def check_resumable(path: Path, weights: dict, state: dict, trainable: dict[str, tuple], config: dict) -> None:
+    """Refuse a checkpoint of other parameters (names or shapes, given in `trainable`), or one whose
+    batches would not line up with this run."""
     names, saved = set(trainable), set(weights)
     if names != saved:
         raise ConfigError(
             f"checkpoint {path} holds other trainable parameters than the model (missing: "
             f"{sorted(names - saved)[:5]}, unexpected: {sorted(saved - names)[:5]}); "
             "resume with the same adapters or use another checkpoint_dir.")
+    for name, shape in trainable.items():
+        if tuple(weights[name].shape) != tuple(shape):
+            raise ConfigError(
+                f"checkpoint {path} holds {name} of shape {tuple(weights[name].shape)} but the model's is "
+                f"{tuple(shape)} (another rank or size); resume with the same method options, or start afresh "
+                "without resume.")
     for key in RESUME_MUST_MATCH:
         if state["config"][key] != config[key]:
             raise ConfigError(

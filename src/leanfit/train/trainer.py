@@ -346,7 +346,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         weights, best, state = load_checkpoint(path)
-        check_resumable(path, weights, state, [n for n, _ in self.trainable], asdict(self.config))
+        check_resumable(path, weights, state, {n: tuple(p.shape) for n, p in self.trainable}, asdict(self.config))
         self._load_weights(weights)
         self._best_weights = {n: t.to(self.device) for n, t in best.items()} or None
         self.optimizer.load_state_dict(state["optimizer"])
