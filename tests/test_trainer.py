@@ -227,6 +227,14 @@ def test_resume_refuses_parameters_of_another_shape(tmp_path):
                 **FAST).fit()
 
 
+def test_resume_refuses_other_training_rows(tmp_path):
+    Trainer(classifier(), classification_data(), epochs=1, checkpoint_dir=tmp_path, **FAST).fit()
+    with pytest.raises(ConfigError, match="other rows"):
+        Trainer(classifier(), classification_data(seed=1), epochs=2, checkpoint_dir=tmp_path, resume=True,
+                **FAST).fit()
+    Trainer(classifier(), classification_data(), epochs=2, checkpoint_dir=tmp_path, resume=True, **FAST).fit()
+
+
 def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path):
     model, data = build()
     Trainer(model, data, **KILL_RUN).fit()

@@ -12,6 +12,8 @@ names it, written atomically. A crash leaves the previous `latest` valid. The la
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import shutil
 from pathlib import Path
@@ -94,9 +96,25 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return weights, best, state
 
 
-def check_resumable(path: Path, weights: dict, state: dict, trainable: dict[str, tuple], config: dict) -> None:
+def data_fingerprint(split: dict[str, torch.Tensor]) -> str:
+    """A digest of the training rows (every tensor's name, type, shape and values), kept in each
+    checkpoint so that a resume on other rows is refused rather than mixed into the run."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(split):
+        tensor = split[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_resumable(path: Path, weights: dict, state: dict, trainable: dict[str, tuple], config: dict,
+                    data: str | None = None) -> None:
     """Refuse a checkpoint of other parameters (names or shapes, given in `trainable`), or one whose
     batches would not line up with this run."""
+    if data is not None and state.get("data", data) != data:  # checkpoints before 2026-12-07 hold no digest
+        raise ConfigError(
+            f"checkpoint {path} was written while training on other rows (another data set, subset, label set or "
+            "sequence length); resume with the same data, or start afresh without resume.")
     names, saved = set(trainable), set(weights)
     if names != saved:
         raise ConfigError(

@@ -19,7 +19,7 @@ import torch
 from leanfit.data.splits import CLASSIFICATION, TensorSplits
 from leanfit.errors import ConfigError, DataError, TrainingError, check_known
 from leanfit.memory import trim_heap
-from leanfit.train.checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_state,
+from leanfit.train.checkpoint import (check_resumable, data_fingerprint, latest_checkpoint, load_checkpoint, restore_rng, rng_state,
                                       save_checkpoint)
 from leanfit.train.metrics import MetricsLog, batch_at, evaluate_split, split_size
 from leanfit.train import distributed
@@ -134,6 +134,7 @@ class Trainer:
                  *, on_step: Callable[["Trainer", int], None] | None = None, **overrides):
         self.config = cfg = config_with(config, overrides)
         self.model, self.data, self.task, self.on_step = model, data, data.task, on_step
+        self._fingerprint: str | None = None  # of the training rows (data_fingerprint), when first needed
         first = next(model.parameters(), None)
         if first is None:
             raise ConfigError("the model has no parameters; pass the network to fine-tune.")
@@ -339,14 +340,21 @@ class Trainer:
             "controllers": [c.state_dict() if hasattr(c, "state_dict") else None for c in self.controllers],
             "config": {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
                        for k, v in asdict(self.config).items()},
+            "data": self._data_fingerprint(),
         }
         self.last_checkpoint = save_checkpoint(self.config.checkpoint_dir, self.state.step,
                                                dict(self.trainable), state, self._best_weights)
         self._saved_step = self.state.step
 
+    def _data_fingerprint(self) -> str:
+        if self._fingerprint is None:  # once a run: hashing the rows at every checkpoint would cost a pass
+            self._fingerprint = data_fingerprint(self.data.split("train"))
+        return self._fingerprint
+
     def _restore(self, path: Path) -> None:
         weights, best, state = load_checkpoint(path)
-        check_resumable(path, weights, state, {n: tuple(p.shape) for n, p in self.trainable}, asdict(self.config))
+        check_resumable(path, weights, state, {n: tuple(p.shape) for n, p in self.trainable}, asdict(self.config),
+                        self._data_fingerprint())
         self._load_weights(weights)
         self._best_weights = {n: t.to(self.device) for n, t in best.items()} or None
         self.optimizer.load_state_dict(state["optimizer"])
