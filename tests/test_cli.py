@@ -50,7 +50,10 @@ def test_values_no_run_can_use_are_refused_in_one_sentence_before_anything_loads
         one_sentence_error(capsys, [command, "--epochs", "-3"], "epochs", "at least 1")
         one_sentence_error(capsys, [command, "--max-train-rows", "0"], "max_train_rows")  # not "every row"
         one_sentence_error(capsys, [command, "--set", "rank=abc"], "Method 'lora'", "wrong kind")
-    one_sentence_error(capsys, ["search", "--epochs", "0"], "epochs", "at least 1")
+    search = ["search", "--trials", "1", "--finalists", "0", "-o", tmp_path / "search"]  # were a check lost: short
+    one_sentence_error(capsys, [*search, "--epochs", "0"], "epochs", "at least 1")
+    one_sentence_error(capsys, [*search, "--search-eval-rows", "0"], "--search-eval-rows", "at least 1")
+    one_sentence_error(capsys, [*search, "--search-max-length", "0"], "--search-max-length", "at least 2")
     for content, fragment in (({"epochs": "two"}, "epochs"), ({"lr": "fast"}, "lr must be a positive number"),
                               ({"model": ["minilm"]}, "model must be"), ({"options": "rank=4"}, "options must be"),
                               (None, "got null"), ([1, 2], "JSON object"), ("x", "JSON object")):

@@ -69,7 +69,9 @@ class SearchSettings:
         checks = [(self.trials >= 1, "--trials must be at least 1"), (self.eta >= 2, "--eta must be at least 2"),
                   (self.finalists >= 0, "--finalists must not be negative"),
                   (self.search_epochs >= 1, "--search-epochs must be at least 1"),
-                  (self.search_rows is None or self.search_rows >= 1, "--max-train-rows must be at least 1")]
+                  (self.search_rows is None or self.search_rows >= 1, "--max-train-rows must be at least 1"),
+                  (self.search_max_length is None or self.search_max_length >= 2, "--search-max-length must be at least 2"),
+                  (self.search_eval_rows is None or self.search_eval_rows >= 1, "--search-eval-rows must be at least 1")]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{message}; fix the option and run again.")
