@@ -121,8 +121,9 @@ class TuneConfig:
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}; write e.g. 1e-3.")
         for name in ("model", "data", "output", "method", "text_column", "label_column", "task"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(f"{name} must be a non-empty text, got {getattr(self, name)!r}; fix the option.")
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{name} must be a non-empty text, got {value!r}; fix the option.")
         self.check_options()
         if self.method not in BASELINES:
             config_from_dict({"method": self.method, **method_options(self.method, self.options)})  # validates them

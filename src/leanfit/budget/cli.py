@@ -24,11 +24,9 @@ def add_commands(subparsers) -> dict:
 
 
 def _plan(args) -> int:
-    from ..methods import module_class
     from ..tune_options import tune_config
     from .cost import estimate
-    config = tune_config(args)
-    module_class(config.method)  # an unknown method is refused before the calibration notice, not after it
+    config = tune_config(args)  # checked (TuneConfig.check): bad options are refused before the notice below
     if not args.json:
         print(f"Planning {config.method} on {config.data} / {config.model} (a model's first plan at a batch shape "
               "calibrates this machine for about a minute; later plans read the cache) ...", file=sys.stderr)

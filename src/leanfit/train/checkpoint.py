@@ -13,7 +13,6 @@ names it, written atomically. A crash leaves the previous `latest` valid. The la
 from __future__ import annotations
 
 import hashlib
-
 import os
 import shutil
 from pathlib import Path

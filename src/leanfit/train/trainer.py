@@ -19,8 +19,8 @@ import torch
 from leanfit.data.splits import CLASSIFICATION, TensorSplits
 from leanfit.errors import ConfigError, DataError, TrainingError, check_known
 from leanfit.memory import trim_heap
-from leanfit.train.checkpoint import (check_resumable, data_fingerprint, latest_checkpoint, load_checkpoint, restore_rng, rng_state,
-                                      save_checkpoint)
+from leanfit.train.checkpoint import (check_resumable, data_fingerprint, latest_checkpoint, load_checkpoint,
+                                      restore_rng, rng_state, save_checkpoint)
 from leanfit.train.metrics import MetricsLog, batch_at, evaluate_split, split_size
 from leanfit.train import distributed
 from leanfit.train.controllers import build_controllers
