@@ -58,7 +58,7 @@ def _policy(r: dict) -> str:
 
 def run_case(name: str, args: list[str]) -> dict:
     out = RUNS / name
-    cmd = [sys.executable, "-m", "leanfit.cli", "tune", *args, "--output", str(out)]
+    cmd = [sys.executable, "-m", "leanfit.cli", "tune", *args, "--output", str(out), "--overwrite"]  # a rerun replaces
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
-exec .venv/bin/leanfit tune "$@"
+exec .venv/bin/leanfit tune --overwrite "$@"

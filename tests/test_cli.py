@@ -64,6 +64,24 @@ def test_values_no_run_can_use_are_refused_in_one_sentence_before_anything_loads
     assert (tmp_path / "a-file").read_text() == "kept"
 
 
+def test_tune_refuses_an_output_folder_holding_an_earlier_run(capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (run / "adapter").mkdir()
+    earlier = {"report.json": '{"test": {}}', "report.md": "# the run", "metrics.jsonl": '{"step": 4}\n', "checkpoints/latest": "step-00000004\n",
+               "checkpoints/step-00000004/weights.safetensors": "w", "adapter/adapter.json": "{}"}
+    for name, text in earlier.items():
+        (run / name).write_text(text)
+    # data that is not there: were the check lost, the run would fail at once on it rather than train
+    one_sentence_error(capsys, ["tune", "-o", run, "--data", tmp_path / "none.csv"],
+                       "holds an earlier run (report.json, report.md, metrics.jsonl, checkpoints, adapter)",
+                       "--resume", "--overwrite")
+    one_sentence_error(capsys, ["search", "-o", run, "--trials", "1", "--data", tmp_path / "none.csv"],
+                       "holds a `leanfit tune` run", "another --output")
+    for name, text in earlier.items():  # nothing emptied or replaced
+        assert (run / name).read_text() == text
+
+
 def test_info_lists_every_registered_method(capsys):
     assert main(["info", "--methods"]) == 0
     out = capsys.readouterr().out
@@ -137,6 +155,14 @@ def test_tune_resumes_from_checkpoint(tmp_path):
     leanfit(*common, "--output", tmp_path / "a", "--resume")  # resumes from the final checkpoint: no steps left
     first = json.loads((tmp_path / "a" / "report.json").read_text())
     assert first["steps"] > 0
+    assert leanfit(*common, "--output", tmp_path / "a", check=False).returncode == 2  # a fresh run would replace it
+    leanfit(*common, "--output", tmp_path / "a", "--overwrite", "--epochs", "1")
+    replaced = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert replaced["epochs"] == 1 and replaced["steps"] == first["steps"] // 2
+    metrics = (tmp_path / "a" / "metrics.jsonl").read_text()
+    assert metrics.count('"kind": "validation"') == 1  # the replaced run's records are gone, not mixed in
+    assert (tmp_path / "a" / "checkpoints" / "latest").read_text().strip() == f"step-{replaced['steps']:08d}"
+    assert len(list((tmp_path / "a" / "checkpoints").glob("step-*"))) == 1  # none of the replaced run's left
     assert first["policy"]["block_dropout"] is False and first["policy"]["head_rows"] == 1
     model, _ = lf.zoo.model("minilm", num_labels=2)
     lf.load(model, tmp_path / "a" / "adapter")

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="fine-tune a model with an adapter and report test metrics")
     add_tune_arguments(t)
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in the output folder (its report, metrics, checkpoints and adapter are "
+                        "deleted first); without it, tune refuses such a folder unless --resume is given")
 
     e = sub.add_parser("eval", help="evaluate a saved adapter on a data split")
     e.add_argument("adapter", help="adapter directory written by `leanfit tune`")
@@ -61,8 +64,15 @@ def _parser() -> argparse.ArgumentParser:
 def _tune(args) -> int:
     from .train import distributed
     from .tune import headline, run
+    from .tune import clear_earlier_run, earlier_run
     config = tune_config(args)
+    found = [] if config.resume else earlier_run(config.output)
+    if found and not args.overwrite:  # a fresh run would empty its metrics and replace its checkpoints
+        raise ConfigError(f"The output folder '{config.output}' holds an earlier run ({', '.join(found)}); pass "
+                          "--resume to go on from its last checkpoint, --overwrite to replace it, or another --output.")
     distributed.init_from_env()  # under torchrun: join the process group
+    if found and distributed.is_main():
+        clear_earlier_run(config.output)
     try:
         report = run(config)
     finally:

@@ -122,8 +122,13 @@ def _int(text: str, option: str) -> int:
 
 
 def _search(args) -> int:
+    from ..tune import earlier_run
     from .search import search
     settings = settings_from_args(args)
+    tuned = [name for name in earlier_run(settings.output) if name != "report.md"]  # a search's own report.md is its
+    if tuned:
+        raise ConfigError(f"The output folder '{settings.output}' holds a `leanfit tune` run ({', '.join(tuned)}), "
+                          "whose report the search would replace; pass another --output.")
     result = search(settings)
     output = Path(settings.output)
     n = result.counts
