@@ -44,21 +44,29 @@ def test_bad_arguments_print_one_sentence_and_exit_2(capsys, tmp_path):
 
 
 def test_values_no_run_can_use_are_refused_in_one_sentence_before_anything_loads(capsys, tmp_path):
+    missing = tmp_path / "none.csv"
     for command in ("tune", "plan"):
         one_sentence_error(capsys, [command, "--batch-size", "0"], "batch_size", "at least 1")
         one_sentence_error(capsys, [command, "--max-length", "0"], "max_length", "at least 2")
         one_sentence_error(capsys, [command, "--epochs", "-3"], "epochs", "at least 1")
         one_sentence_error(capsys, [command, "--max-train-rows", "0"], "max_train_rows")  # not "every row"
         one_sentence_error(capsys, [command, "--set", "rank=abc"], "Method 'lora'", "wrong kind")
+        # data that is not there: were a check lost, the command would fail at once on it rather than train
+        one_sentence_error(capsys, [command, "--set", "rnak=4", "--data", missing], "Method 'lora' has no option rnak",
+                           "init, rank, use")
+        one_sentence_error(capsys, [command, "--method", "full", "--set", "rank=4", "--data", missing],
+                           "takes no --set options")
+    one_sentence_error(capsys, ["tune", "-o", "", "--data", missing], "output must be a non-empty text")  # not out/...
     search = ["search", "--trials", "1", "--finalists", "0", "-o", tmp_path / "search"]  # were a check lost: short
     one_sentence_error(capsys, [*search, "--epochs", "0"], "epochs", "at least 1")
     one_sentence_error(capsys, [*search, "--search-eval-rows", "0"], "--search-eval-rows", "at least 1")
     one_sentence_error(capsys, [*search, "--search-max-length", "0"], "--search-max-length", "at least 2")
     for content, fragment in (({"epochs": "two"}, "epochs"), ({"lr": "fast"}, "lr must be a positive number"),
                               ({"model": ["minilm"]}, "model must be"), ({"options": "rank=4"}, "options must be"),
+                              ({"resume": "no"}, "resume must be true or false"), ({"output": ""}, "output must be"),
                               (None, "got null"), ([1, 2], "JSON object"), ("x", "JSON object")):
         (tmp_path / "c.json").write_text(json.dumps(content))
-        one_sentence_error(capsys, ["tune", "--config", tmp_path / "c.json"], fragment)
+        one_sentence_error(capsys, ["tune", "--config", tmp_path / "c.json", "--data", missing], fragment)
     (tmp_path / "a-file").write_text("kept")
     one_sentence_error(capsys, ["search", "--trials", "1", "-o", tmp_path / "a-file"], "a file is in the way")
     assert (tmp_path / "a-file").read_text() == "kept"

@@ -50,6 +50,7 @@ CAUSAL_LM_LR = 2e-3
 WHOLE_NUMBERS = {"epochs": 1, "batch_size": 1, "max_length": 2, "seed": 0, "checkpoint_every": 0, "lisa_period": 1,
                  "max_train_rows": 1, "max_eval_rows": 1, "early_stopping_patience": 1, "lisa_layers": 1}
 OPTIONAL = ("max_train_rows", "max_eval_rows", "early_stopping_patience", "lisa_layers")
+FLAGS = ("resume", "progress", "gradient_checkpointing", "int8_base", "block_dropout")  # true or false, nothing else
 
 
 @dataclass
@@ -120,6 +121,9 @@ class TuneConfig:
                                   f"{' (or left out)' if name in OPTIONAL else ''}, got {value!r}; fix the option.")
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}; write e.g. 1e-3.")
+        for name in FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}; fix the option.")
         for name in ("model", "data", "output", "method", "text_column", "label_column", "task"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:

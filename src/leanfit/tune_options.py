@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from .errors import ConfigError
@@ -110,8 +111,23 @@ def tune_config(args: argparse.Namespace):
         options["rank"] = args.rank
     if args.alpha is not None:
         options["alpha"] = args.alpha
-    options.update(key_value(kv) for kv in args.set)
-    config.options = options
-    if not args.output and not base.get("output"):
+    given = dict(key_value(kv) for kv in args.set)
+    config.options = {**options, **given}
+    if args.output is None and "output" not in base:
         config.output = f"out/{Path(str(config.data)).stem}-{config.method}"
-    return config.check()
+    config.check()
+    check_given_options(config.method, given)
+    return config
+
+
+def check_given_options(method: str, given: dict) -> None:
+    """Refuse a --set option the method does not have: unlike --rank and --alpha, which serve whichever
+    method has them, a --set names an option of this method, and dropping it would hide a typo."""
+    from .tune import method_options
+    unknown = sorted(set(given) - set(method_options(method, given)))
+    if unknown:
+        from .methods import module_class
+        from .tune import BASELINES
+        valid = [] if method in BASELINES else sorted(f.name for f in fields(module_class(method).config_class))
+        raise ConfigError(f"Method '{method}' has no option {', '.join(unknown)}; "
+                          + (f"its options are {', '.join(valid)}." if valid else "it takes no --set options."))
