@@ -82,6 +82,28 @@ def test_unknown_schema_version_is_refused(tmp_path):
         lf.load(tiny_net(0), tmp_path / "ad")
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m.pop("method"), "'method' is missing"),
+    (lambda m: m["method"].pop("method"), "'method.method' is missing"),
+    (lambda m: m["method"].update(rank="eight"), "cannot build .*wrong kind"),
+    (lambda m: m["method"].update(method="nosuch"), "cannot build .*Unknown method 'nosuch'"),
+    (lambda m: m.update(targets="block.query"), "'targets' is not a list"),
+    (lambda m: m["tensors"].update(bytes="many"), "'tensors.bytes' is of the wrong kind"),
+    (lambda m: m["base_model"].pop("fingerprint"), "'base_model.fingerprint' is missing"),
+])
+def test_damaged_manifest_is_refused_in_one_sentence(tmp_path, capsys, damage, message):
+    from leanfit.cli import main
+    lf.save(trained(), tmp_path / "ad")
+    manifest = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    damage(manifest)
+    (tmp_path / "ad" / "adapter.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        lf.load(tiny_net(0), tmp_path / "ad")
+    assert main(["info", str(tmp_path / "ad")]) == 2  # the command line says it, with no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("leanfit: The manifest") and err.count("\n") == 1
+
+
 def test_failed_write_keeps_the_previous_adapter(tmp_path, monkeypatch):
     m = trained()
     lf.save(m, tmp_path / "ad")

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..errors import ArtifactError, BaseModelMismatchError
+from ..errors import ArtifactError, BaseModelMismatchError, ConfigError
 from ..io import atomic_write_bytes
 from ..methods.base import SHARED
 from ..methods.registry import config_from_dict
@@ -90,7 +90,32 @@ def read_manifest(path: str | Path) -> dict:
         raise ArtifactError(
             f"'{file}' has schema version {version!r} but this leanfit reads version {SCHEMA_VERSION}; "
             "use the leanfit version that wrote it.")
+    _check_shape(manifest, file)
     return manifest
+
+
+# What every manifest holds, and of what kind (a file edited by hand or cut short may not).
+FIELDS = {"name": str, "method": dict, "targets": list, "train_modules": list, "base_model": dict, "tensors": dict}
+INNER = {"method": {"method": str}, "base_model": {"fingerprint": str}, "tensors": {"file": str, "sha256": str, "bytes": int}}
+
+
+def _check_shape(manifest: dict, file: Path) -> None:
+    """Refuse a damaged manifest in one sentence, before anything reads a field of it."""
+    for key, kind in FIELDS.items():
+        if not isinstance(manifest.get(key), kind):
+            _damaged(file, f"'{key}' is {'missing' if key not in manifest else f'not a {kind.__name__}'}")
+        for inner, inner_kind in INNER.get(key, {}).items():
+            if not isinstance(manifest[key].get(inner), inner_kind):
+                _damaged(file, f"'{key}.{inner}' is {'missing' if inner not in manifest[key] else 'of the wrong kind'}")
+    try:
+        config_from_dict(manifest["method"])
+    except ConfigError as err:  # options edited by hand, or a method of a newer leanfit
+        raise ArtifactError(f"The manifest '{file}' holds a method this leanfit cannot build ({str(err).rstrip('.')}); "
+                            "use the leanfit version that wrote it, or save the adapter again.") from None
+
+
+def _damaged(file: Path, what: str):
+    raise ArtifactError(f"The manifest '{file}' is damaged: {what}; save the adapter again or restore the file.")
 
 
 def read_tensors(path: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
