@@ -108,6 +108,9 @@ def test_bad_input_is_one_sentence_and_exit_2(tiny_bert_folder, tmp_path, capsys
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cases.append((["--model", model, "--adapters", adapters, "--port", str(busy.getsockname()[1])], "in use"))
+        # one adapter's folder: served, it would list no adapter (on the busy port, were the check lost, it stops)
+        cases.append((["--model", model, "--adapters", f"{adapters}/support", "--port", str(busy.getsockname()[1])],
+                      "is an adapter, not a registry"))
         for argv, words in cases:
             assert main(["serve", *argv]) == 2, argv
             err = capsys.readouterr().err.strip()
