@@ -153,6 +153,14 @@ def test_tune_eval_info_export_on_user_csv(tmp_path):
 
 
 @pytest.mark.integration
+def test_tune_refuses_an_exclude_name_no_layer_has(capsys, tmp_path):
+    one_sentence_error(capsys, ["tune", "--exclude", "pooler.dense,qeury", "--epochs", 1, "--max-train-rows", 8,
+                                "--max-eval-rows", 8, "--no-progress", "-o", tmp_path / "o"],
+                       "--exclude 'qeury' names no layer", "query, key, value")
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+@pytest.mark.integration
 def test_tune_resumes_from_checkpoint(tmp_path):
     rows = [(f"alpha beta {i}", "a") for i in range(20)] + [(f"gamma delta {i}", "b") for i in range(20)]
     _write_csv(tmp_path / "d.csv", rows)

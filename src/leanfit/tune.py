@@ -213,6 +213,8 @@ def _generates(model) -> bool:
 
 def _exclude(model, config: TuneConfig):
     """The user's exclude list, plus the blocks below the top `train_layers` ones, as one pattern."""
+    if isinstance(config.exclude, list):
+        _check_names(model, config.exclude)
     k = top_layers(model, config.train_layers)
     if k is None:
         return config.exclude
@@ -221,6 +223,16 @@ def _exclude(model, config: TuneConfig):
         names = [names]
     parts = [below_top_k(model, k)] + [rf"(?:.*\.)?{re.escape(n)}" for n in names]
     return "|".join(f"(?:{p})" for p in parts)
+
+
+def _check_names(model, names: list) -> None:
+    """Refuse an --exclude name no layer has: a typo would otherwise leave the layer adapted, unnoticed."""
+    from .core.inject import candidate_layers
+    layers = candidate_layers(model)
+    for name in names:
+        if not any(layer == name or layer.endswith("." + name) for layer in layers):
+            tails = ", ".join(dict.fromkeys(layer.split(".")[-1] for layer in layers))
+            raise ConfigError(f"--exclude {name!r} names no layer of the model; its layers end in {tails}.")
 
 
 def method_options(method: str, options: dict) -> dict:
