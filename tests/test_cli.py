@@ -161,6 +161,15 @@ def test_tune_refuses_an_exclude_name_no_layer_has(capsys, tmp_path):
 
 
 @pytest.mark.integration
+def test_tune_refuses_data_too_small_to_split_before_training(capsys, tmp_path):
+    _write_csv(tmp_path / "two.csv", [("alpha beta", "a"), ("gamma delta", "b")])
+    one_sentence_error(capsys, ["tune", "--data", tmp_path / "two.csv", "--text-column", "body", "--label-column",
+                                "topic", "--epochs", 1, "--no-progress", "-o", tmp_path / "o"],
+                       "gives no validation and no test rows (2 train, 0 validation, 0 test")
+    assert not (tmp_path / "o" / "checkpoints").exists()  # refused before an epoch was trained
+
+
+@pytest.mark.integration
 def test_tune_resumes_from_checkpoint(tmp_path):
     rows = [(f"alpha beta {i}", "a") for i in range(20)] + [(f"gamma delta {i}", "b") for i in range(20)]
     _write_csv(tmp_path / "d.csv", rows)

@@ -17,7 +17,8 @@ import torch
 
 from . import core
 from .data import CAUSAL_LM, CLASSIFICATION, IMAGE_CLASSIFICATION, TextDataset, encode, from_files
-from .errors import ConfigError, check_known
+from .data.splits import rows
+from .errors import ConfigError, DataError, check_known
 from .io import atomic_write_bytes
 from .memory import peak_rss_bytes
 from .methods import config_from_dict, module_class
@@ -260,6 +261,13 @@ def run(config: TuneConfig) -> dict:
     if config.max_eval_rows:
         tensors.validation = {k: v[: config.max_eval_rows] for k, v in tensors.validation.items()}
         tensors.test = {k: v[: config.max_eval_rows] for k, v in tensors.test.items()}
+    sizes = {name: rows(split) for name, split in (("train", tensors.train), ("validation", tensors.validation),
+                                                  ("test", tensors.test))}
+    if not all(sizes.values()):  # else training would run, and only then an evaluation fail
+        empty = [name for name, n in sizes.items() if not n]
+        raise DataError(f"The data {config.data} gives no {' and no '.join(empty)} rows ({sizes['train']} train, "
+                        f"{sizes['validation']} validation, {sizes['test']} test after removing duplicates); give it more "
+                        "rows (10% go to validation and 20% to test) or a folder with train, validation and test files.")
     output = Path(config.output)
     lr = config.learning_rate(dataset.task)
     trainer = Trainer(model, tensors, epochs=config.epochs, lr=lr,
