@@ -86,8 +86,12 @@ def test_tune_refuses_an_output_folder_holding_an_earlier_run(capsys, tmp_path):
                        "--resume", "--overwrite")
     one_sentence_error(capsys, ["search", "-o", run, "--trials", "1", "--data", tmp_path / "none.csv"],
                        "holds a `leanfit tune` run", "another --output")
+    (run / "checkpoints" / "latest").unlink()  # a run without checkpoints (full fine-tuning's default)
+    one_sentence_error(capsys, ["tune", "-o", run, "--resume", "--data", tmp_path / "none.csv"],
+                       "holds an earlier run (report.json, report.md, metrics.jsonl, adapter) but no checkpoint to "
+                       "resume from; pass --overwrite")
     for name, text in earlier.items():  # nothing emptied or replaced
-        assert (run / name).read_text() == text
+        assert name == "checkpoints/latest" or (run / name).read_text() == text
 
 
 def test_info_lists_every_registered_method(capsys):

@@ -66,10 +66,14 @@ def _tune(args) -> int:
     from .tune import headline, run
     from .tune import clear_earlier_run, earlier_run
     config = tune_config(args)
-    found = [] if config.resume else earlier_run(config.output)
+    found = earlier_run(config.output)
+    if config.resume and "checkpoints" in found:  # goes on from its last checkpoint; replaces nothing
+        found = []
     if found and not args.overwrite:  # a fresh run would empty its metrics and replace its checkpoints
-        raise ConfigError(f"The output folder '{config.output}' holds an earlier run ({', '.join(found)}); pass "
-                          "--resume to go on from its last checkpoint, --overwrite to replace it, or another --output.")
+        held = f"The output folder '{config.output}' holds an earlier run ({', '.join(found)})"
+        raise ConfigError(held + (" but no checkpoint to resume from; pass --overwrite to replace it" if config.resume
+                                  else "; pass --resume to go on from its last checkpoint, --overwrite to replace it")
+                          + ", or another --output.")
     distributed.init_from_env()  # under torchrun: join the process group
     if found and distributed.is_main():
         clear_earlier_run(config.output)
