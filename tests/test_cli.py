@@ -39,6 +39,12 @@ def test_bad_arguments_print_one_sentence_and_exit_2(capsys, tmp_path):
     one_sentence_error(capsys, ["eval", str(tmp_path), "--max-rows", "0"], "--max-rows", "at least 1")
     one_sentence_error(capsys, ["info", str(tmp_path / "x")], "No leanfit adapter")
     one_sentence_error(capsys, ["frobnicate"], "invalid choice")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("kept")
+    for output, fragment in (("", "empty text"), (tmp_path / "ad", "the adapter's own folder"),
+                             (tmp_path / "full", "already holds files")):  # checked before the adapter is read
+        one_sentence_error(capsys, ["export", tmp_path / "ad", "--format", "peft", "-o", output], fragment)
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     (tmp_path / "c.json").write_text(json.dumps({"rnak": 3}))
     one_sentence_error(capsys, ["tune", "--config", tmp_path / "c.json"], "Unknown tune option rnak")
 

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="convert a saved adapter to another format")
     x.add_argument("adapter", help="adapter directory written by `leanfit tune`")
     x.add_argument("--format", required=True, choices=["peft"])
-    x.add_argument("--output", "-o", required=True, help="directory to write")
+    x.add_argument("--output", "-o", required=True, help="directory to write (a new or empty one)")
+    x.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files")
 
     i = sub.add_parser("info", help="describe a saved adapter, or list methods")
     i.add_argument("adapter", nargs="?", help="adapter directory")
@@ -128,7 +129,17 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
+    from pathlib import Path
+
     from .core.peft_format import export_peft
+    output = Path(args.output)
+    if not args.output:
+        raise ConfigError("The output folder is empty text; pass the folder to write the PEFT adapter to with -o.")
+    if output.resolve() == Path(args.adapter).resolve():
+        raise ConfigError(f"The output folder '{output}' is the adapter's own folder; pass another -o.")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise ConfigError(f"The output folder '{output}' already holds files; pass a new or empty folder, or "
+                          "--overwrite to write the PEFT adapter among them.")
     model, _, manifest = _load_adapted(args.adapter)
     export_peft(model, args.output, name=manifest["name"])
     print(f"PEFT adapter written to {args.output}")

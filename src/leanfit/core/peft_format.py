@@ -64,7 +64,7 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None,
     s = spec(model, name)
     if s.config.method not in EXPORTABLE:
         raise ConfigError(f"Adapter '{name}' uses method '{s.config.method}', but only the LoRA family "
-                          f"({', '.join(EXPORTABLE)}) exports to PEFT; save it with lf.save instead.")
+                          f"({', '.join(EXPORTABLE)}) exports to PEFT; use it in leanfit's own format (lf.load, leanfit eval / serve).")
     tensors, ranks, alphas, use_rslora = {}, set(), set(), False
     for host, module in adapter_modules(model, name).items():
         base = model.get_submodule(host).base_layer
