@@ -62,11 +62,17 @@ def test_values_no_run_can_use_are_refused_in_one_sentence_before_anything_loads
                            "init, rank, use")
         one_sentence_error(capsys, [command, "--method", "full", "--set", "rank=4", "--data", missing],
                            "takes no --set options")
+        one_sentence_error(capsys, [command, "--lr", "inf", "--data", missing], "lr must be a positive number")
     one_sentence_error(capsys, ["tune", "-o", "", "--data", missing], "output must be a non-empty text")  # not out/...
     search = ["search", "--trials", "1", "--finalists", "0", "-o", tmp_path / "search"]  # were a check lost: short
     one_sentence_error(capsys, [*search, "--epochs", "0"], "epochs", "at least 1")
     one_sentence_error(capsys, [*search, "--search-eval-rows", "0"], "--search-eval-rows", "at least 1")
     one_sentence_error(capsys, [*search, "--search-max-length", "0"], "--search-max-length", "at least 2")
+    one_sentence_error(capsys, [*search, "--objectives", "accuracy,params,params"], "each once")
+    one_sentence_error(capsys, [*search, "--lr-range", "1e-3:inf"], "finite maximum")
+    assert not (tmp_path / "search").exists()  # refused before a study was made
+    (tmp_path / "c.json").write_text(json.dumps({"epochs": 1}), encoding="utf-16")
+    one_sentence_error(capsys, ["tune", "--config", tmp_path / "c.json", "--data", missing], "not UTF-8")
     for content, fragment in (({"epochs": "two"}, "epochs"), ({"lr": "fast"}, "lr must be a positive number"),
                               ({"model": ["minilm"]}, "model must be"), ({"options": "rank=4"}, "options must be"),
                               ({"resume": "no"}, "resume must be true or false"), ({"output": ""}, "output must be"),

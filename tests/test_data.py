@@ -214,6 +214,14 @@ def test_broken_json_lines(tmp_path):
         from_files(tmp_path / "d.jsonl")
 
 
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl"])
+def test_data_that_is_not_utf8_is_refused(tmp_path, name):
+    row = "text,label\ncaf\u00e9,a\n" if name.endswith(".csv") else '{"text": "caf\u00e9", "label": "a"}\n'
+    (tmp_path / name).write_bytes(row.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')} is not UTF-8 text \(byte 0xe9 at offset"):
+        from_files(tmp_path / name)
+
+
 def test_saved_dataset_missing_column(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]}).save_to_disk(str(tmp_path / "ds"))

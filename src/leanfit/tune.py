@@ -8,6 +8,7 @@ fine-tuning (`full`) and a frozen linear probe (`probe`).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -120,7 +121,8 @@ class TuneConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be a whole number of at least {low}"
                                   f"{' (or left out)' if name in OPTIONAL else ''}, got {value!r}; fix the option.")
-        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0):
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not 0 < self.lr < math.inf):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}; write e.g. 1e-3.")
         for name in FLAGS:
             if not isinstance(getattr(self, name), bool):

@@ -78,9 +78,11 @@ def read_config_file(name: str | None) -> dict:
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist; pass a JSON file of tune options.")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"Config file '{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file '{path}' is not UTF-8 text; save it as UTF-8 JSON.") from None
 
 
 def override(config, args: argparse.Namespace, keys):

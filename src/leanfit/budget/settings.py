@@ -63,9 +63,10 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
-        if unknown or not self.objectives or self.objectives[0] != "accuracy":
-            raise ConfigError(f"Objectives must start with accuracy, then any of {', '.join(COST_OBJECTIVES)}; "
-                              f"got {','.join(self.objectives)}.")
+        if (unknown or not self.objectives or self.objectives[0] != "accuracy"
+                or len(set(self.objectives)) < len(self.objectives)):
+            raise ConfigError(f"Objectives must start with accuracy, then any of {', '.join(COST_OBJECTIVES)}, each "
+                              f"once; got {','.join(self.objectives)}.")
         checks = [(self.trials >= 1, "--trials must be at least 1"), (self.eta >= 2, "--eta must be at least 2"),
                   (self.finalists >= 0, "--finalists must not be negative"),
                   (self.search_epochs >= 1, "--search-epochs must be at least 1"),

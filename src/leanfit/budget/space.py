@@ -54,9 +54,9 @@ class SearchSpace:
             raise ConfigError("The search space needs at least one method, train_layers, target set and rank.")
         if any(not isinstance(r, int) or r < 1 for r in self.ranks):
             raise ConfigError(f"Ranks must be whole numbers >= 1, got {list(self.ranks)}.")
-        if not 0 < self.lr_min <= self.lr_max or self.lr_steps_per_decade < 1:
+        if not 0 < self.lr_min <= self.lr_max < math.inf or self.lr_steps_per_decade < 1:
             raise ConfigError(f"The learning-rate range {self.lr_min:g}..{self.lr_max:g} is empty; "
-                              "give a positive minimum no larger than the maximum.")
+                              "give a positive minimum no larger than a finite maximum.")
 
     # --- the grid of learning rates ---------------------------------------------------------------
     def lr_grid(self) -> tuple[float, float, float]:

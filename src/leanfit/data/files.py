@@ -134,6 +134,14 @@ def _read_file(file: Path, task: str, text: str, label: str) -> list:
 
 
 def _read_records(file: Path) -> list[dict]:
+    try:
+        return _parse_records(file)
+    except UnicodeDecodeError as error:
+        raise DataError(f"Data file {file} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                        f"{error.start}); save it as UTF-8.") from None
+
+
+def _parse_records(file: Path) -> list[dict]:
     if file.suffix.lower() in (".csv", ".tsv"):
         with open(file, encoding="utf-8-sig", newline="") as handle:
             return list(csv.DictReader(handle, delimiter="\t" if file.suffix.lower() == ".tsv" else ","))
