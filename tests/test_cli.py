@@ -186,6 +186,14 @@ def test_tune_refuses_data_too_small_to_split_before_training(capsys, tmp_path):
 
 
 @pytest.mark.integration
+def test_tune_with_gradient_checkpointing_in_bf16(tmp_path):
+    # the backward recomputes each block's forward: its attention must be float32 again, as in the forward
+    assert main(["tune", "--gradient-checkpointing", "--precision", "bf16", "--epochs", "1", "--max-train-rows", "16",
+                 "--max-eval-rows", "8", "--max-length", "32", "--no-progress", "-o", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["policy"]["precision"] == "bf16"
+
+
+@pytest.mark.integration
 def test_tune_resumes_from_checkpoint(tmp_path):
     rows = [(f"alpha beta {i}", "a") for i in range(20)] + [(f"gamma delta {i}", "b") for i in range(20)]
     _write_csv(tmp_path / "d.csv", rows)

@@ -67,10 +67,14 @@ class MixedPrecision:
             return
         if self._weights is None:
             self._weights = _frozen_linear_weights(self.model, self._trained)
+        # attention stays float32 in the backward too: gradient checkpointing recomputes a block's
+        # forward there (under the autocast it saved), and must get tensors of the types it got before
+        attention = _float32_attention() if self.device.type == "cpu" else nullcontext()
         try:
             for param, _, low in self._weights:
                 param.data = low
-            yield
+            with attention:
+                yield
         finally:
             for param, full, _ in self._weights:
                 param.data = full
