@@ -64,6 +64,7 @@ def test_values_no_run_can_use_are_refused_in_one_sentence_before_anything_loads
                            "takes no --set options")
         one_sentence_error(capsys, [command, "--lr", "inf", "--data", missing], "lr must be a positive number")
     one_sentence_error(capsys, ["tune", "-o", "", "--data", missing], "output must be a non-empty text")  # not out/...
+    one_sentence_error(capsys, ["tune", "--targets", "", "--data", missing], "targets must be")  # not all-linear
     search = ["search", "--trials", "1", "--finalists", "0", "-o", tmp_path / "search"]  # were a check lost: short
     one_sentence_error(capsys, [*search, "--epochs", "0"], "epochs", "at least 1")
     one_sentence_error(capsys, [*search, "--search-eval-rows", "0"], "--search-eval-rows", "at least 1")
@@ -169,10 +170,16 @@ def test_tune_eval_info_export_on_user_csv(tmp_path):
 
 
 @pytest.mark.integration
-def test_tune_refuses_an_exclude_name_no_layer_has(capsys, tmp_path):
+def test_tune_refuses_layer_names_and_lengths_the_model_does_not_have(capsys, tmp_path):
     one_sentence_error(capsys, ["tune", "--exclude", "pooler.dense,qeury", "--epochs", 1, "--max-train-rows", 8,
                                 "--max-eval-rows", 8, "--no-progress", "-o", tmp_path / "o"],
                        "--exclude 'qeury' names no layer", "query, key, value")
+    one_sentence_error(capsys, ["tune", "--targets", "query,nosuch", "--epochs", 1, "--max-train-rows", 8,
+                                "--max-eval-rows", 8, "--no-progress", "-o", tmp_path / "o"],
+                       "--targets 'nosuch' names no layer")
+    one_sentence_error(capsys, ["tune", "--max-length", 1000, "--epochs", 1, "--max-train-rows", 8,
+                                "--max-eval-rows", 8, "--no-progress", "-o", tmp_path / "o"],
+                       "max_length 1000 is longer than the 512 positions minilm reads")
     assert not (tmp_path / "o" / "report.json").exists()
 
 

@@ -32,6 +32,15 @@ def test_targets_by_name_regex_type_and_exclude():
         lf.find_targets(m, "(")
 
 
+
+def test_targets_that_select_only_the_trained_head_are_refused():
+    m = tiny_net()
+    with pytest.raises(TargetError, match="select only classifier, which is trained in full as a head"):
+        lf.adapt(m, lf.LoRA(rank=2), targets=["classifier"])  # else an adapter of no layer, a probe in disguise
+    assert not lf.adapters(m)
+    lf.adapt(m, lf.LoRA(rank=2), targets=["classifier"], train_modules=[])  # the head adapted, if asked
+
+
 @pytest.mark.parametrize("key", sorted(MERGEABLE))
 def test_fresh_adapter_leaves_model_unchanged(key):
     m = tiny_net()

@@ -131,6 +131,9 @@ class TuneConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{name} must be a non-empty text, got {value!r}; fix the option.")
+        if not self.targets or not isinstance(self.targets, (str, list)):
+            raise ConfigError(f"targets must be 'all-linear', layer names or a regular expression, got "
+                              f"{self.targets!r}; fix the option.")
         self.check_options()
         if self.method not in BASELINES:
             config_from_dict({"method": self.method, **method_options(self.method, self.options)})  # validates them
@@ -172,6 +175,10 @@ def prepare_model(config: TuneConfig, dataset: TextDataset):
 def apply_method(model, config: TuneConfig) -> None:
     """Adapt a freshly loaded model as `config` says and leave only what it trains trainable (also
     what the cost model builds, on a parameter-free copy, to count exactly what a run trains)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and config.max_length > positions:  # else a shape error, once training starts
+        raise ConfigError(f"max_length {config.max_length} is longer than the {positions} positions {config.model} "
+                          f"reads; pass --max-length {positions} or less.")
     if config.method == "full":
         model.requires_grad_(True)
     elif config.method == "probe":
@@ -182,6 +189,9 @@ def apply_method(model, config: TuneConfig) -> None:
         for head in heads:
             model.get_submodule(head).requires_grad_(True)
     else:
+        for option, names in (("--targets", config.targets), ("--exclude", config.exclude)):
+            if isinstance(names, list):
+                _check_names(model, names, option)
         method = config_from_dict({"method": config.method, **config.options})
         core.adapt(model, method, targets=config.targets, exclude=_exclude(model, config), name=config.name)
 
@@ -216,8 +226,6 @@ def _generates(model) -> bool:
 
 def _exclude(model, config: TuneConfig):
     """The user's exclude list, plus the blocks below the top `train_layers` ones, as one pattern."""
-    if isinstance(config.exclude, list):
-        _check_names(model, config.exclude)
     k = top_layers(model, config.train_layers)
     if k is None:
         return config.exclude
@@ -228,14 +236,15 @@ def _exclude(model, config: TuneConfig):
     return "|".join(f"(?:{p})" for p in parts)
 
 
-def _check_names(model, names: list) -> None:
-    """Refuse an --exclude name no layer has: a typo would otherwise leave the layer adapted, unnoticed."""
+def _check_names(model, names: list, option: str) -> None:
+    """Refuse a --targets or --exclude name no layer has: a typo would otherwise leave the layer out, or
+    adapted, unnoticed."""
     from .core.inject import candidate_layers
     layers = candidate_layers(model)
     for name in names:
         if not any(layer == name or layer.endswith("." + name) for layer in layers):
             tails = ", ".join(dict.fromkeys(layer.split(".")[-1] for layer in layers))
-            raise ConfigError(f"--exclude {name!r} names no layer of the model; its layers end in {tails}.")
+            raise ConfigError(f"{option} {name!r} names no layer of the model; its layers end in {tails}.")
 
 
 def method_options(method: str, options: dict) -> dict:

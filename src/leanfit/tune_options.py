@@ -103,7 +103,7 @@ def tune_config(args: argparse.Namespace):
         "max_length", "max_train_rows", "max_eval_rows", "seed", "output", "checkpoint_every", "resume",
         "early_stopping_patience", "progress", "train_layers", "prefix", "lisa_layers", "lisa_period",
         "gradient_checkpointing", "int8_base", "block_dropout", "precision"))
-    if args.targets:
+    if args.targets is not None:
         config.targets = args.targets if args.targets == "all-linear" or not args.targets.replace(",", "").replace(
             "_", "").replace(".", "").isalnum() else args.targets.split(",")
     if args.exclude:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import AdapterError, ConfigError, UnknownAdapterError
+from ..errors import AdapterError, ConfigError, TargetError, UnknownAdapterError
 from ..methods.base import SHARED, MethodConfig
 from ..methods import pointwise
 from ..methods.registry import module_class
@@ -80,8 +80,11 @@ def adapt(model: nn.Module, config: MethodConfig, targets: Targets = "all-linear
         model.__dict__["leanfit_requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
     if "leanfit_fingerprint" not in model.__dict__:
         model.__dict__["leanfit_fingerprint"] = base_fingerprint(model, heads)
-    names = find_targets(model, targets, exclude)
-    names = [n for n in names if not any(n == h or n.startswith(h + ".") for h in heads)]
+    found = find_targets(model, targets, exclude)
+    names = [n for n in found if not any(n == h or n.startswith(h + ".") for h in heads)]
+    if not names:  # the adapter would be only the heads trained in full: a probe, not an adapter
+        raise TargetError(f"Targets {targets!r} select only {', '.join(found)}, which is trained in full as a "
+                          "head (train_modules), not adapted; target other layers.")
     built = _build_layers(model, config, names)  # every layer built before any is wrapped
     for target, module in built.items():
         host = host_at(model, target)
