@@ -278,6 +278,17 @@ def test_nan_loss_without_checkpoints_says_so():
 
 # -- atomic files ----------------------------------------------------------------------------------
 
+def test_atomic_writes_make_files_as_open_would(tmp_path):
+    import os
+    from leanfit.io import UMASK, atomic_write_bytes
+    atomic_write_bytes(tmp_path / "report.json", b"{}")
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~UMASK  # not mkstemp's 0600
+    with open(tmp_path / "plain", "wb"):
+        pass
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == (tmp_path / "report.json").stat().st_mode & 0o777
+    assert os.umask(UMASK) == UMASK  # and the umask is left as it was
+
+
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "adapter.bin"
     atomic_write_bytes(target, b"old")

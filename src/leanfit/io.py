@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back (once, at import:
+    os.umask(mask)  # setting it while other threads create files would give those the wrong mode)
+    return mask
+
+
+UMASK = _umask()
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename inside `directory` durable (no-op where directories cannot be opened, e.g. Windows)."""
     try:
@@ -47,6 +56,7 @@ def atomic_save(path: str | os.PathLike, writer_fn: Callable[[str], object]) -> 
     os.close(fd)
     try:
         writer_fn(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; a file should be as open() would make it
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
