@@ -249,7 +249,8 @@ def test_tune_reports_where_adalora_put_its_budget(tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     ranks = report["final_ranks"]
     assert len(ranks) == 7 and sum(ranks.values()) == 2 * 7  # top layer's 6 linears and the pooler
-    assert "| layer | rank |" in (tmp_path / "o" / "report.md").read_text()
+    markdown = (tmp_path / "o" / "report.md").read_text()
+    assert "| layer | rank |" in markdown and "| lr | 0.02 |" in markdown  # AdaLoRA's rate, not "0.0"
 
 
 @pytest.mark.integration

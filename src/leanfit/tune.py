@@ -400,7 +400,8 @@ def render_markdown(report: dict) -> str:
                 "adapter", "adapter_bytes"):
         if key in report:
             value = report[key]
-            lines.append(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
+            shown = f"{value:g}" if key == "lr" else f"{value:.1f}" if isinstance(value, float) else value
+            lines.append(f"| {key} | {shown} |")  # seconds and MiB to a tenth; a rate as written (1e-3, not 0.0)
     if report.get("final_ranks"):
         lines += ["", "Final rank per layer (the budget schedule's allocation):", "", "| layer | rank |", "|---|---|"]
         lines += [f"| {layer} | {rank} |" for layer, rank in report["final_ranks"].items()]
