@@ -214,6 +214,12 @@ def test_broken_json_lines(tmp_path):
         from_files(tmp_path / "d.jsonl")
 
 
+def test_a_single_label_is_refused(tmp_path):
+    write_csv(tmp_path / "d.csv", [(f"text {i}", "spam") for i in range(20)])
+    with pytest.raises(DataError, match="has a single label 'spam'; a classifier needs at least two"):
+        from_files(tmp_path / "d.csv")
+
+
 @pytest.mark.parametrize("name", ["d.csv", "d.jsonl"])
 def test_data_that_is_not_utf8_is_refused(tmp_path, name):
     row = "text,label\ncaf\u00e9,a\n" if name.endswith(".csv") else '{"text": "caf\u00e9", "label": "a"}\n'

@@ -131,6 +131,9 @@ class TuneConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{name} must be a non-empty text, got {value!r}; fix the option.")
+        if self.lisa_layers is not None and self.train_layers not in (None, "all"):
+            raise ConfigError(f"LISA samples its blocks among all of the model's, but train_layers={self.train_layers!r} "
+                              "adapts only the top ones; pass --train-layers all with --lisa-layers.")
         if not self.targets or not isinstance(self.targets, (str, list)):
             raise ConfigError(f"targets must be 'all-linear', layer names or a regular expression, got "
                               f"{self.targets!r}; fix the option.")

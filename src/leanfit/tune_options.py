@@ -119,6 +119,8 @@ def tune_config(args: argparse.Namespace):
         config.output = f"out/{Path(str(config.data)).stem}-{config.method}"
     config.check()
     check_given_options(config.method, given)
+    if args.lisa_period is not None and config.lisa_layers is None:
+        raise ConfigError("--lisa-period is the period of LISA's sampling, which is off; give --lisa-layers N too.")
     return config
 
 

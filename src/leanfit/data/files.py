@@ -48,6 +48,9 @@ def _assemble(path: Path, splits: dict[str, list], task: str, seed: int) -> Text
     labels = None
     if task == CLASSIFICATION:
         labels = sorted({row[1] for row in splits["train"]}, key=label_order)
+        if len(labels) < 2:  # a classifier of one class learns nothing and scores 100%
+            raise DataError(f"The training data in {path} has a single label {labels[0]!r}; a classifier needs at "
+                            "least two (check --label-column).")
         for name in ("validation", "test"):
             unknown = sorted({row[1] for row in splits.get(name, [])} - set(labels))
             if unknown:
