@@ -65,6 +65,10 @@ def test_values_no_run_can_use_are_refused_in_one_sentence_before_anything_loads
         one_sentence_error(capsys, [command, "--lr", "inf", "--data", missing], "lr must be a positive number")
         one_sentence_error(capsys, [command, "--lisa-layers", "2", "--data", missing], "pass --train-layers all")
         one_sentence_error(capsys, [command, "--lisa-period", "5", "--data", missing], "give --lisa-layers")
+        one_sentence_error(capsys, [command, "--set", "=4", "--data", missing], "has no KEY")
+        one_sentence_error(capsys, [command, "--rank", "8", "--set", "rank=4", "--data", missing], "disagree")
+        one_sentence_error(capsys, [command, "--task", "causal-lm", "--text-column", "body", "--max-train-rows", "0"],
+                           "--task and --text-column describe your own data files, but bbc-news is a bundled")
     one_sentence_error(capsys, ["tune", "-o", "", "--data", missing], "output must be a non-empty text")  # not out/...
     one_sentence_error(capsys, ["tune", "--targets", "", "--data", missing], "targets must be")  # not all-linear
     search = ["search", "--trials", "1", "--finalists", "0", "-o", tmp_path / "search"]  # were a check lost: short

@@ -18,6 +18,8 @@ def key_value(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"Option '{text}' is not KEY=VALUE; write e.g. --set dropout=0.1.")
     key, value = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"Option '{text}' has no KEY before '='; write e.g. --set dropout=0.1.")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
@@ -114,9 +116,18 @@ def tune_config(args: argparse.Namespace):
     if args.alpha is not None:
         options["alpha"] = args.alpha
     given = dict(key_value(kv) for kv in args.set)
+    for key in ("rank", "alpha"):
+        if key in given and getattr(args, key) is not None and given[key] != getattr(args, key):
+            raise ConfigError(f"--{key} {getattr(args, key)} and --set {key}={given[key]} disagree; give one of them.")
     config.options = {**options, **given}
     if args.output is None and "output" not in base:
         config.output = f"out/{Path(str(config.data)).stem}-{config.method}"
+    given_columns = [f"--{k.replace('_', '-')}" for k in ("task", "text_column", "label_column") if getattr(args, k)]
+    if given_columns:
+        from .zoo import DATASETS
+        if config.data in DATASETS:  # a zoo data set knows its task and columns: the options would be ignored
+            raise ConfigError(f"{' and '.join(given_columns)} describe your own data files, but {config.data} is a "
+                              "bundled data set that knows its own; leave them out.")
     config.check()
     check_given_options(config.method, given)
     if args.lisa_period is not None and config.lisa_layers is None:
