@@ -183,6 +183,9 @@ def test_tune_refuses_layer_names_and_lengths_the_model_does_not_have(capsys, tm
     one_sentence_error(capsys, ["tune", "--targets", "query,nosuch", "--epochs", 1, "--max-train-rows", 8,
                                 "--max-eval-rows", 8, "--no-progress", "-o", tmp_path / "o"],
                        "--targets 'nosuch' names no layer")
+    one_sentence_error(capsys, ["tune", "--targets", "layer.0.attention.self.query", "--epochs", 1, "--max-train-rows",
+                                8, "--max-eval-rows", 8, "--no-progress", "-o", tmp_path / "o"],
+                       "name only layers below the top 2 blocks, which stay frozen", "--train-layers all")
     one_sentence_error(capsys, ["tune", "--max-length", 1000, "--epochs", 1, "--max-train-rows", 8,
                                 "--max-eval-rows", 8, "--no-progress", "-o", tmp_path / "o"],
                        "max_length 1000 is longer than the 512 positions minilm reads")

@@ -19,7 +19,7 @@ import torch
 from . import core
 from .data import CAUSAL_LM, CLASSIFICATION, IMAGE_CLASSIFICATION, TextDataset, encode, from_files
 from .data.splits import rows
-from .errors import ConfigError, DataError, check_known
+from .errors import ConfigError, DataError, TargetError, check_known
 from .io import atomic_write_bytes
 from .memory import peak_rss_bytes
 from .methods import config_from_dict, module_class
@@ -196,7 +196,23 @@ def apply_method(model, config: TuneConfig) -> None:
             if isinstance(names, list):
                 _check_names(model, names, option)
         method = config_from_dict({"method": config.method, **config.options})
-        core.adapt(model, method, targets=config.targets, exclude=_exclude(model, config), name=config.name)
+        try:
+            core.adapt(model, method, targets=config.targets, exclude=_exclude(model, config), name=config.name)
+        except TargetError:
+            k = top_layers(model, config.train_layers)
+            if k is None or not _matches(model, config):
+                raise
+            raise ConfigError(f"Targets {config.targets!r} name only layers below the top {k} blocks, which stay frozen "
+                              f"(train_layers={config.train_layers!r}); pass --train-layers all, or target layers of "
+                              f"the top {k} blocks.") from None
+
+
+def _matches(model, config: TuneConfig) -> bool:
+    """Whether the targets name any layer when every block may train."""
+    try:
+        return bool(core.find_targets(model, config.targets, config.exclude))
+    except TargetError:
+        return False
 
 
 def top_layers(model, train_layers) -> int | None:
