@@ -197,7 +197,8 @@ def test_tune_refuses_data_too_small_to_split_before_training(capsys, tmp_path):
     _write_csv(tmp_path / "two.csv", [("alpha beta", "a"), ("gamma delta", "b")])
     one_sentence_error(capsys, ["tune", "--data", tmp_path / "two.csv", "--text-column", "body", "--label-column",
                                 "topic", "--epochs", 1, "--no-progress", "-o", tmp_path / "o"],
-                       "gives no validation and no test rows (2 train, 0 validation, 0 test")
+                       "gives no validation and no test rows (2 train, 0 validation, 0 test after removing duplicates, "
+                       "2 labels); give it more rows per label")
     assert not (tmp_path / "o" / "checkpoints").exists()  # refused before an epoch was trained
 
 

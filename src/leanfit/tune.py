@@ -295,9 +295,11 @@ def run(config: TuneConfig) -> dict:
                                                   ("test", tensors.test))}
     if not all(sizes.values()):  # else training would run, and only then an evaluation fail
         empty = [name for name, n in sizes.items() if not n]
+        labels = f", {len(dataset.labels)} labels" if dataset.labels else ""  # a label per row splits no row off
         raise DataError(f"The data {config.data} gives no {' and no '.join(empty)} rows ({sizes['train']} train, "
-                        f"{sizes['validation']} validation, {sizes['test']} test after removing duplicates); give it more "
-                        "rows (10% go to validation and 20% to test) or a folder with train, validation and test files.")
+                        f"{sizes['validation']} validation, {sizes['test']} test after removing duplicates{labels}); "
+                        f"give it more rows{' per label' if labels else ''} (10% go to validation and 20% to test) or a "
+                        "folder with train, validation and test files.")
     output = Path(config.output)
     lr = config.learning_rate(dataset.task)
     trainer = Trainer(model, tensors, epochs=config.epochs, lr=lr,
