@@ -66,6 +66,8 @@ def test_values_no_run_can_use_are_refused_in_one_sentence_before_anything_loads
         one_sentence_error(capsys, [command, "--lisa-layers", "2", "--data", missing], "pass --train-layers all")
         one_sentence_error(capsys, [command, "--lisa-period", "5", "--data", missing], "give --lisa-layers")
         one_sentence_error(capsys, [command, "--set", "=4", "--data", missing], "has no KEY")
+        err = one_sentence_error(capsys, [command, "--set", "dropout=1.5", "--data", missing], "dropout must be in [0, 1)")
+        assert "wrong kind" not in err  # the method's own sentence, not the one for "rank=abc"
         one_sentence_error(capsys, [command, "--rank", "8", "--set", "rank=4", "--data", missing], "disagree")
         one_sentence_error(capsys, [command, "--task", "causal-lm", "--text-column", "body", "--max-train-rows", "0"],
                            "--task and --text-column describe your own data files, but bbc-news is a bundled")

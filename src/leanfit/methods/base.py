@@ -143,6 +143,8 @@ class MethodConfig:
     def __post_init__(self) -> None:
         try:
             self.validate()
+        except ConfigError:  # the method's own sentence (a ConfigError is a ValueError too)
+            raise
         except (TypeError, ValueError) as err:  # e.g. rank="abc" from a command line or a JSON file
             raise ConfigError(f"Method '{self.method}' has an option of the wrong kind ({err}); "
                               "give numbers where it expects them, e.g. rank=8.") from None
