@@ -148,6 +148,11 @@ def test_tune_eval_info_export_on_user_csv(tmp_path):
     assert evaluated["accuracy"] == pytest.approx(report["test"]["accuracy"])
     assert evaluated["rows"] == report["split_sizes"]["test"]
     assert json.loads(leanfit("eval", out / "adapter", "--data", tmp_path / "mine.csv", "--max-rows", 3).stdout)["rows"] == 3
+    with open(tmp_path / "mine.csv") as f:  # the same rows under other column names: named on eval's command line
+        (tmp_path / "renamed.csv").write_text(f.read().replace("body,topic", "sentence,category", 1))
+    renamed = leanfit("eval", out / "adapter", "--data", tmp_path / "renamed.csv", "--text-column", "sentence",
+                      "--label-column", "category")
+    assert json.loads(renamed.stdout)["accuracy"] == pytest.approx(report["test"]["accuracy"])
     wrong = leanfit("eval", out, "--data", tmp_path / "mine.csv", check=False)  # the run's folder, not its adapter
     assert wrong.returncode == 2 and f"pass '{out / 'adapter'}'" in wrong.stderr and "Traceback" not in wrong.stderr
     try:

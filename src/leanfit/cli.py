@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "validation", "test"])
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-rows", type=_positive, metavar="N", help="evaluate the first N rows of the split only")
+    e.add_argument("--text-column", dest="text_column", help="text column of --data (default: the training data's)")
+    e.add_argument("--label-column", dest="label_column", help="label column of --data (default: the training data's)")
 
     x = sub.add_parser("export", help="convert a saved adapter to another format")
     x.add_argument("adapter", help="adapter directory written by `leanfit tune`")
@@ -110,7 +112,8 @@ def _eval(args) -> int:
     model, tokenizer, manifest = _load_adapted(args.adapter, args.seed)
     extra = manifest["extra"]
     config = TuneConfig(data=args.data or extra["data"], seed=args.seed, task=extra["task"],
-                        text_column=extra.get("text_column", "text"), label_column=extra.get("label_column", "label"))
+                        text_column=args.text_column or extra.get("text_column", "text"),
+                        label_column=args.label_column or extra.get("label_column", "label"))
     dataset = load_data(config)
     if dataset.task != extra["task"]:
         raise ConfigError(f"The data set {config.data} is for {dataset.task} but the adapter was trained for "
