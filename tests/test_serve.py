@@ -145,6 +145,8 @@ def test_bad_requests_get_openai_style_errors_with_the_right_status(minilm):
             assert r.status_code in (400, 404) and "error" in r.json(), (name, path, r.text)
     with pytest.raises(openai.BadRequestError):
         client(url).completions.create(model="lora", prompt="x")  # an encoder serves embeddings only
+    with pytest.raises(openai.BadRequestError, match="dimensions 100000 is more than the 384"):
+        client(url).embeddings.create(model="lora", input="x", dimensions=100000)  # not 384 values, silently
 
 
 def test_loading_and_unloading_adapters_while_traffic_flows_fails_no_request(minilm):

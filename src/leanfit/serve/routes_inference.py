@@ -13,6 +13,7 @@ import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
+from ..errors import ConfigError
 from . import protocol as p
 from .http import Dispatch, api_error
 
@@ -23,7 +24,14 @@ def inference_routes(dispatch: Dispatch, dependencies=()) -> APIRouter:
 
     @router.post("/v1/embeddings")
     async def embeddings(body: p.EmbeddingRequest) -> p.EmbeddingResponse:
-        job, started = await dispatch.start("embed", "embeddings", body, lambda _a: engine.check_rows(body.rows()))
+        def check(_adapter):
+            size = getattr(engine.model.config, "hidden_size", None)
+            if body.dimensions is not None and size and body.dimensions > size:  # OpenAI refuses it too
+                raise ConfigError(f"dimensions {body.dimensions} is more than the {size} this model's embeddings have; "
+                                  f"ask for at most {size}, or leave it out.")
+            return engine.check_rows(body.rows())
+
+        job, started = await dispatch.start("embed", "embeddings", body, check)
         result = await dispatch.finish(job, "embeddings", body.model, started)
         data = []
         for i, vector in enumerate(result["vectors"]):
