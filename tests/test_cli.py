@@ -38,6 +38,7 @@ def test_bad_arguments_print_one_sentence_and_exit_2(capsys, tmp_path):
     one_sentence_error(capsys, ["eval", str(tmp_path)], "No leanfit adapter")
     one_sentence_error(capsys, ["eval", str(tmp_path), "--max-rows", "0"], "--max-rows", "at least 1")
     one_sentence_error(capsys, ["info", str(tmp_path / "x")], "No leanfit adapter")
+    one_sentence_error(capsys, ["info", "--methods", str(tmp_path / "x")], "not both")
     one_sentence_error(capsys, ["frobnicate"], "invalid choice")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("kept")
@@ -68,6 +69,7 @@ def test_values_no_run_can_use_are_refused_in_one_sentence_before_anything_loads
         one_sentence_error(capsys, [command, "--set", "=4", "--data", missing], "has no KEY")
         err = one_sentence_error(capsys, [command, "--set", "dropout=1.5", "--data", missing], "dropout must be in [0, 1)")
         assert "wrong kind" not in err  # the method's own sentence, not the one for "rank=abc"
+        one_sentence_error(capsys, [command, "--alpha", "nan", "--data", missing], "alpha must be a finite number")
         one_sentence_error(capsys, [command, "--rank", "8", "--set", "rank=4", "--data", missing], "disagree")
         one_sentence_error(capsys, [command, "--task", "causal-lm", "--text-column", "body", "--max-train-rows", "0"],
                            "--task and --text-column describe your own data files, but bbc-news is a bundled")

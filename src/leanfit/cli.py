@@ -152,6 +152,8 @@ def _export(args) -> int:
 def _info(args) -> int:
     from . import core
     from .methods import method_names, module_class
+    if args.methods and args.adapter:
+        raise ConfigError("info takes --methods or an adapter folder, not both; run it once for each.")
     if args.methods or not args.adapter:
         for name in method_names():
             caps = module_class(name).capabilities

@@ -8,6 +8,8 @@ a model or touches files.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -148,6 +150,10 @@ class MethodConfig:
         except (TypeError, ValueError) as err:  # e.g. rank="abc" from a command line or a JSON file
             raise ConfigError(f"Method '{self.method}' has an option of the wrong kind ({err}); "
                               "give numbers where it expects them, e.g. rank=8.") from None
+        for option in fields(self):
+            value = getattr(self, option.name)
+            if isinstance(value, float) and not math.isfinite(value):  # nan or inf would fail only in training
+                raise ConfigError(f"Method '{self.method}' option {option.name} must be a finite number, got {value}.")
 
     def validate(self) -> None:
         """Raise ConfigError on values that cannot work; subclasses extend."""
