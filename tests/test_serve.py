@@ -25,7 +25,7 @@ from leanfit.serve import AdapterRegistry, Engine, GenerationParams, create_app
 from leanfit.serve.engine import mean_pool
 from leanfit.core.batching import forward_mixed
 from leanfit.core.inject import hosts
-from leanfit.serve.registry import InvalidAdapterNameError, UnknownAdapterError
+from leanfit.serve.registry import InvalidAdapterNameError, UnknownAdapterError, UnservableAdapterError
 from _nets import perturb
 
 KEY = "test-key"
@@ -188,6 +188,11 @@ def test_registry_keeps_at_most_its_cap_evicting_the_least_recently_used(tmp_pat
     registry.ensure(model, ["c"])
     assert registry.resident() == ["a", "c"] and set(lf.adapters(model)) == {"a", "c"}
     assert isinstance(registry.ensure(model, ["zz"])["zz"], UnknownAdapterError)
+    lf.adapt(model, lf.LoRA(rank=2), targets=["query"], name="head", train_modules=["pooler"])  # as tune's classifier
+    lf.save(model, tmp_path / "head", "head")
+    lf.delete(model, "head")
+    refused = registry.ensure(model, ["head"])["head"]
+    assert isinstance(refused, UnservableAdapterError) and "adapters that train none" in str(refused)
     outside = tmp_path.parent / "outside"
     (tmp_path / "link").symlink_to(outside)
     for name in ("../a", "link", ".hidden", "a b"):

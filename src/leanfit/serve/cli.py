@@ -23,7 +23,8 @@ def add_commands(subparsers) -> dict:
     s.add_argument("--model", required=True,
                    help="zoo name (minilm, smollm2-135m) or a local Hugging Face model folder")
     s.add_argument("--adapters", required=True, metavar="DIR",
-                   help="registry directory: one adapter per subdirectory, as written by `leanfit tune` / lf.save")
+                   help="registry directory: one adapter per subdirectory, as written by lf.save or by `leanfit tune` "
+                        "on a causal LM (a classifier's adapter trains its head, which a shared base cannot serve)")
     s.add_argument("--task", choices=["embedding", "causal-lm"],
                    help="what to serve (default: causal-lm for causal LMs, else embedding)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

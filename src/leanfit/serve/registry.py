@@ -106,8 +106,10 @@ class AdapterRegistry:
         manifest = artifact.read_manifest(path)
         if manifest.get("train_modules"):
             raise UnservableAdapterError(
-                f"Adapter '{name}' trains whole modules {manifest['train_modules']}, which all requests share; "
-                "serve it on its own model instead.")
+                f"Adapter '{name}' trains whole modules {manifest['train_modules']} (a classifier's head, as "
+                "`leanfit tune` trains on classification data), which requests for other adapters would share; "
+                "this server takes adapters that train none: a causal LM's from `leanfit tune`, or "
+                "lf.adapt(..., train_modules=[]) and lf.save.")
         size = int(manifest.get("tensors", {}).get("bytes", 0))
         self._evict(model, incoming=size, keep=set(keep) | {name})
         before = active(model)
