@@ -214,6 +214,15 @@ def test_broken_json_lines(tmp_path):
         from_files(tmp_path / "d.jsonl")
 
 
+def test_rows_that_do_not_fit_the_columns_are_refused(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nfine,a\nhello, world,b\nother,b\n")  # an unquoted comma
+    with pytest.raises(DataError, match=r"row 2 has more fields than its header; quote texts"):
+        from_files(tmp_path / "d.csv")
+    (tmp_path / "d.jsonl").write_text('{"text": "fine", "label": "a"}\n{"text": ["a", "b"], "label": "b"}\n')
+    with pytest.raises(DataError, match=r"row 2 holds a list or an object in text/label"):
+        from_files(tmp_path / "d.jsonl")
+
+
 def test_a_single_label_is_refused(tmp_path):
     write_csv(tmp_path / "d.csv", [(f"text {i}", "spam") for i in range(20)])
     with pytest.raises(DataError, match="has a single label 'spam'; a classifier needs at least two"):

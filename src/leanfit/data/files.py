@@ -185,6 +185,12 @@ def _columns(records: list[dict], file: Path, task: str, text: str, label: str) 
             raise DataError(
                 f"Data file {file} row {i + 1} lacks a value in {'/'.join(wanted)}; fill it or drop the row."
             )
+        if None in record:  # csv.DictReader's key for fields beyond the header: a text's unquoted comma, often
+            raise DataError(f"Data file {file} row {i + 1} has more fields than its header; quote texts that hold "
+                            "the delimiter (\"like, this\").")
+        if any(isinstance(record[column], (list, dict)) for column in wanted):
+            raise DataError(f"Data file {file} row {i + 1} holds a list or an object in {'/'.join(wanted)}; give "
+                            "each row one text and one label.")
     if task == CAUSAL_LM:
         return [str(r[text]) for r in records if str(r[text]).strip()]
     return [(str(r[text]), str(r[label])) for r in records]
