@@ -139,6 +139,9 @@ def test_bad_requests_get_openai_style_errors_with_the_right_status(minilm):
     headers = {"Authorization": f"Bearer {KEY}"}
     bad = httpx.post(f"{url}/v1/embeddings", json={"model": "lora", "input": 3.5}, headers=headers)
     assert bad.status_code == 422 and set(bad.json()["error"]) >= {"message", "type", "code"}
+    broken = httpx.post(f"{url}/v1/embeddings", content=b'{"model": "lora", "input": }',
+                        headers={**headers, "Content-Type": "application/json"})
+    assert broken.status_code == 422 and "not valid JSON (it breaks at character" in broken.json()["error"]["message"]
     for name in ("../x", "..", "a/../../etc", "/etc/passwd", "%2e%2e"):
         for path, body in (("embeddings", {"model": name, "input": "x"}), ("adapters/load", {"name": name})):
             r = httpx.post(f"{url}/v1/{path}", json=body, headers=headers)

@@ -55,9 +55,14 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(_request, err: RequestValidationError):
-        where = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors())
-        return JSONResponse(p.error_body(f"Malformed request ({where}).", "invalid_request_error",
-                                         "invalid_request"), status_code=422)
+        broken = next((e for e in err.errors() if e.get("type") == "json_invalid"), None)
+        if broken is not None:  # pydantic names only "JSON decode error" and the character where it stopped
+            message = (f"Malformed request: the body is not valid JSON (it breaks at character {broken['loc'][-1]}); "
+                       "send one JSON object, e.g. {\"model\": \"NAME\", \"input\": \"text\"}.")
+        else:
+            where = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors())
+            message = f"Malformed request ({where})."
+        return JSONResponse(p.error_body(message, "invalid_request_error", "invalid_request"), status_code=422)
 
     @app.exception_handler(HTTPException)
     async def _on_http(_request, err: HTTPException):
