@@ -202,6 +202,14 @@ def test_tune_refuses_layer_names_and_lengths_the_model_does_not_have(capsys, tm
 
 
 @pytest.mark.integration
+def test_tune_refuses_a_run_whose_trained_values_alone_do_not_fit_in_free_memory(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("leanfit.memory.available_bytes", lambda: 2 ** 20, raising=False)  # 1 MiB: r=8 needs 1.8
+    one_sentence_error(capsys, ["tune", "--epochs", 1, "--max-train-rows", 8, "--max-eval-rows", 8, "--no-progress",
+                                "-o", tmp_path / "o"], "trains 118,661 values", "this machine has free")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.integration
 def test_tune_refuses_data_too_small_to_split_before_training(capsys, tmp_path):
     _write_csv(tmp_path / "two.csv", [("alpha beta", "a"), ("gamma delta", "b")])
     one_sentence_error(capsys, ["tune", "--data", tmp_path / "two.csv", "--text-column", "body", "--label-column",

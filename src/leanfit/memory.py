@@ -35,6 +35,18 @@ def rss_bytes() -> int | None:
     return status_bytes("VmRSS")
 
 
+def available_bytes() -> int | None:
+    """Memory the system can give without swapping (/proc/meminfo's MemAvailable); None without /proc."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def trim_heap() -> None:
     """Hand freed heap back to the OS (glibc's malloc_trim). The tensors of a training step do not
     reuse the heap that loading and tokenising freed: on MiniLM, trimming it before the first step

@@ -169,10 +169,37 @@ def prepare_model(config: TuneConfig, dataset: TextDataset):
     from . import zoo
     labels = len(dataset.labels) if dataset.task in (CLASSIFICATION, IMAGE_CLASSIFICATION) else None
     model, tokenizer = zoo.model(config.model, task=dataset.task, num_labels=labels, seed=config.seed)
+    check_fits(model, config)
     apply_method(model, config)
     if config.int8_base:
         quantize_base(model)
     return model, tokenizer
+
+
+# Bytes per trained float32 value: the value, its gradient and AdamW's two moments.
+TRAINED_BYTES = 16
+
+
+def check_fits(model, config: TuneConfig) -> None:
+    """Refuse a run whose trained values alone (with gradients and optimizer state) need more memory
+    than the machine has free, counted on a weight-less copy before anything is allocated: a rank far
+    above the layers' sizes would otherwise grow until the kernel kills the process, without a word."""
+    from .budget.exact import meta_copy
+    from .memory import available_bytes
+    free = available_bytes()
+    if free is None or config.method in BASELINES:
+        return
+    copy = meta_copy(model)
+    copy.__dict__["leanfit_fingerprint"] = "unhashed"  # hashing needs weights; the copy has none
+    try:
+        apply_method(copy, config)
+    except (NotImplementedError, RuntimeError):  # a method whose init needs real values: not counted here
+        return
+    trained = sum(p.numel() for p in copy.parameters() if p.requires_grad)
+    if trained * TRAINED_BYTES > free:
+        raise ConfigError(f"{config.method} with these options trains {trained:,} values, whose weights, gradients and "
+                          f"optimizer state alone take {trained * TRAINED_BYTES / 2 ** 30:.1f} GiB, more than the "
+                          f"{free / 2 ** 30:.1f} GiB this machine has free; lower the rank or size, or target fewer layers.")
 
 
 def apply_method(model, config: TuneConfig) -> None:
