@@ -66,20 +66,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _tune(args) -> int:
     from .train import distributed
+    from . import run_folder
     from .tune import headline, run
-    from .tune import clear_earlier_run, earlier_run
     config = tune_config(args)
-    found = earlier_run(config.output)
-    if config.resume and "checkpoints" in found:  # goes on from its last checkpoint; replaces nothing
-        found = []
-    if found and not args.overwrite:  # a fresh run would empty its metrics and replace its checkpoints
-        held = f"The output folder '{config.output}' holds an earlier run ({', '.join(found)})"
-        raise ConfigError(held + (" but no checkpoint to resume from; pass --overwrite to replace it" if config.resume
-                                  else "; pass --resume to go on from its last checkpoint, --overwrite to replace it")
-                          + ", or another --output.")
+    replaced = run_folder.to_replace(config.output, config.resume, args.overwrite)
     distributed.init_from_env()  # under torchrun: join the process group
-    if found and distributed.is_main():
-        clear_earlier_run(config.output)
+    if replaced and distributed.is_main():
+        run_folder.clear(config.output, replaced)
     try:
         report = run(config)
     finally:

@@ -379,30 +379,6 @@ def run(config: TuneConfig) -> dict:
     return report
 
 
-def earlier_run(output: str) -> list[str]:
-    """What an earlier run (or search) left in `output` that a new run would replace: report, metrics,
-    checkpoints, adapter. Empty metrics and a checkpoint folder without `latest` (a run that stopped
-    before training) do not count."""
-    folder = Path(output)
-    marks = {"report.json": folder / "report.json", "report.md": folder / "report.md",
-             "metrics.jsonl": folder / "metrics.jsonl", "checkpoints": folder / "checkpoints" / "latest",
-             "adapter": folder / "adapter" / "adapter.json"}
-    return [name for name, path in marks.items() if path.is_file() and path.stat().st_size > 0]
-
-
-def clear_earlier_run(output: str) -> None:
-    """Delete what `earlier_run` finds, so that a replacing run never mixes with it (its metrics are
-    not appended to, a resume cannot go on from the replaced run's checkpoints)."""
-    import shutil
-    folder = Path(output)
-    for name in earlier_run(output):
-        path = folder / name
-        if name in ("checkpoints", "adapter"):
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
 def _checkpoint_dir(config: TuneConfig, output: Path) -> str | None:
     # Adapter checkpoints are small, so they are on by default (epoch ends); a full fine-tune's are
     # the size of the model and its optimizer state, so only when asked for.

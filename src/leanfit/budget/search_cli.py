@@ -122,7 +122,7 @@ def _int(text: str, option: str) -> int:
 
 
 def _search(args) -> int:
-    from ..tune import earlier_run
+    from ..run_folder import earlier_run
     from .search import search
     settings = settings_from_args(args)
     tuned = [name for name in earlier_run(settings.output) if name != "report.md"]  # a search's own report.md is its
