@@ -142,6 +142,9 @@ def test_bad_requests_get_openai_style_errors_with_the_right_status(minilm):
     broken = httpx.post(f"{url}/v1/embeddings", content=b'{"model": "lora", "input": }',
                         headers={**headers, "Content-Type": "application/json"})
     assert broken.status_code == 422 and "not valid JSON (it breaks at character" in broken.json()["error"]["message"]
+    latin = httpx.post(f"{url}/v1/embeddings", content='{"model": "lora", "input": "caf\u00e9"}'.encode("latin-1"),
+                       headers={**headers, "Content-Type": "application/json"})
+    assert latin.status_code == 400 and "encoded as UTF-8" in latin.json()["error"]["message"]
     for name in ("../x", "..", "a/../../etc", "/etc/passwd", "%2e%2e"):
         for path, body in (("embeddings", {"model": name, "input": "x"}), ("adapters/load", {"name": name})):
             r = httpx.post(f"{url}/v1/{path}", json=body, headers=headers)

@@ -66,7 +66,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _on_http(_request, err: HTTPException):
-        return JSONResponse(p.error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code)
+        message = str(err.detail)
+        if message == "There was an error parsing the body":  # FastAPI's words for a body it cannot decode
+            message = "The request body cannot be read: send one JSON object encoded as UTF-8."
+        return JSONResponse(p.error_body(message, "invalid_request_error"), status_code=err.status_code)
 
     @app.get("/health")
     async def health():
