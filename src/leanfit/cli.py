@@ -128,9 +128,9 @@ def _export(args) -> int:
     from pathlib import Path
 
     from .core.peft_format import export_peft
-    output = Path(args.output)
-    if not args.output:
+    if not args.output:  # Path("") would be the current folder
         raise ConfigError("The output folder is empty text; pass the folder to write the PEFT adapter to with -o.")
+    output = Path(args.output)
     if output.resolve() == Path(args.adapter).resolve():
         raise ConfigError(f"The output folder '{output}' is the adapter's own folder; pass another -o.")
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:

@@ -184,16 +184,13 @@ def check_fits(model, config: TuneConfig) -> None:
     """Refuse a run whose trained values alone (with gradients and optimizer state) need more memory
     than the machine has free, counted on a weight-less copy before anything is allocated: a rank far
     above the layers' sizes would otherwise grow until the kernel kills the process, without a word."""
-    from .budget.exact import meta_copy
+    from .budget.exact import meta_adapted
     from .memory import available_bytes
     free = available_bytes()
     if free is None or config.method in BASELINES:
         return
-    copy = meta_copy(model)
-    copy.__dict__["leanfit_fingerprint"] = "unhashed"  # hashing needs weights; the copy has none
-    try:
-        apply_method(copy, config)
-    except (NotImplementedError, RuntimeError):  # a method whose init needs real values: not counted here
+    copy = meta_adapted(model, config, fingerprint="unhashed")
+    if copy is None:  # a method whose init needs real values: not counted here
         return
     trained = sum(p.numel() for p in copy.parameters() if p.requires_grad)
     if trained * TRAINED_BYTES > free:
@@ -351,8 +348,7 @@ def run(config: TuneConfig) -> dict:
         "model": config.model, "data": config.data, "task": dataset.task, "method": config.method,
         "options": config.options, "targets": config.targets, "seed": config.seed, "epochs": config.epochs,
         "lr": lr, "batch_size": config.batch_size, "max_length": config.max_length,
-        "split_sizes": {k: int(v["labels"].shape[0]) for k, v in
-                        (("train", tensors.train), ("validation", tensors.validation), ("test", tensors.test))},
+        "split_sizes": sizes,
         "data_info": dataset.info,
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "test": test, "test_before": before, "validation_best": fit.best,

@@ -24,14 +24,24 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def build(model: nn.Module, config, fingerprint: str) -> dict:
-    """Adapt a weight-less copy of `model` as `leanfit tune` would; count what it trains and save."""
+def meta_adapted(model: nn.Module, config, fingerprint: str) -> nn.Module | None:
+    """A weight-less copy of `model` adapted as `leanfit tune` would, nothing allocated; None where the
+    method's init needs real values (data-dependent ops)."""
     from ..tune import apply_method
     adapted = meta_copy(model)
     adapted.__dict__["leanfit_fingerprint"] = fingerprint  # hashing needs weights; the copy has none
     try:
         apply_method(adapted, config)
-    except (NotImplementedError, RuntimeError):  # a method whose init needs real values (data-dependent ops)
+    except (NotImplementedError, RuntimeError):
+        return None
+    return adapted
+
+
+def build(model: nn.Module, config, fingerprint: str) -> dict:
+    """Adapt a weight-less copy of `model` as `leanfit tune` would; count what it trains and save."""
+    from ..tune import apply_method
+    adapted = meta_adapted(model, config, fingerprint)
+    if adapted is None:  # counted on a real copy instead
         adapted = copy.deepcopy(model)
         adapted.__dict__["leanfit_fingerprint"] = fingerprint
         apply_method(adapted, config)

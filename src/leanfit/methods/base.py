@@ -9,7 +9,6 @@ a model or touches files.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 

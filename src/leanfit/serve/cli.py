@@ -64,9 +64,10 @@ def _serve(args) -> int:
     if not Path(args.adapters).is_dir():
         raise ConfigError(f"The adapter registry '{args.adapters}' is not a directory; create it (adapters go in "
                           "its subdirectories) or pass another --adapters.")
-    if (Path(args.adapters) / "adapter.json").is_file():  # one adapter, where a folder of them is wanted
+    one = Path(args.adapters).resolve()
+    if (one / "adapter.json").is_file():  # one adapter, where a folder of them is wanted
         raise ConfigError(f"'{args.adapters}' is an adapter, not a registry of adapters; pass the folder that holds it "
-                          f"('{Path(args.adapters).resolve().parent}' serves it as '{Path(args.adapters).resolve().name}').")
+                          f"('{one.parent}' serves it as '{one.name}').")
     for option, value in (("--max-adapters", args.max_adapters), ("--max-batch-size", args.max_batch_size)):
         if value < 1:
             raise ConfigError(f"{option} must be at least 1, got {value}.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -134,7 +135,6 @@ class Trainer:
                  *, on_step: Callable[["Trainer", int], None] | None = None, **overrides):
         self.config = cfg = config_with(config, overrides)
         self.model, self.data, self.task, self.on_step = model, data, data.task, on_step
-        self._fingerprint: str | None = None  # of the training rows (data_fingerprint), when first needed
         first = next(model.parameters(), None)
         if first is None:
             raise ConfigError("the model has no parameters; pass the network to fine-tune.")
@@ -340,21 +340,20 @@ class Trainer:
             "controllers": [c.state_dict() if hasattr(c, "state_dict") else None for c in self.controllers],
             "config": {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
                        for k, v in asdict(self.config).items()},
-            "data": self._data_fingerprint(),
+            "data": self._data_fingerprint,
         }
         self.last_checkpoint = save_checkpoint(self.config.checkpoint_dir, self.state.step,
                                                dict(self.trainable), state, self._best_weights)
         self._saved_step = self.state.step
 
-    def _data_fingerprint(self) -> str:
-        if self._fingerprint is None:  # once a run: hashing the rows at every checkpoint would cost a pass
-            self._fingerprint = data_fingerprint(self.data.split("train"))
-        return self._fingerprint
+    @cached_property
+    def _data_fingerprint(self) -> str:  # once a run: hashing the rows at every checkpoint would cost a pass
+        return data_fingerprint(self.data.split("train"))
 
     def _restore(self, path: Path) -> None:
         weights, best, state = load_checkpoint(path)
         check_resumable(path, weights, state, {n: tuple(p.shape) for n, p in self.trainable}, asdict(self.config),
-                        self._data_fingerprint())
+                        self._data_fingerprint)
         self._load_weights(weights)
         self._best_weights = {n: t.to(self.device) for n, t in best.items()} or None
         self.optimizer.load_state_dict(state["optimizer"])
