@@ -387,6 +387,33 @@ def test_plan_bad_options_print_one_sentence_and_exit_2(local_run, capsys):
             assert lines == [err]
 
 
+def test_plan_refuses_a_configuration_or_cache_folder_before_calibrating(local_run, tmp_path, capsys):
+    fresh = tmp_path / "calibration"
+    argv = [str(a) for a in plan_args(local_run, "--targets", "nosuchlayer")]
+    argv[argv.index("--calibration-dir") + 1] = str(fresh)
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("leanfit: ") and "nosuchlayer" in lines[-1]
+    assert len(lines) == 1 and not list(fresh.glob("*.json"))  # refused before a calibration was measured
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    argv[argv.index("--targets") + 1] = "query"
+    argv[argv.index("--calibration-dir") + 1] = str(blocker)
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "calibration cache" in lines[0] and str(blocker) in lines[0]
+    assert blocker.read_text() == "x"
+
+
+def test_plan_says_it_calibrates_only_when_it_does(local_run, tmp_path, capsys):
+    argv = [str(a) for a in plan_args(local_run, "--train-layers", "1")]
+    argv[argv.index("--calibration-dir") + 1] = str(tmp_path / "calibration")
+    assert main(argv) == 0
+    assert "Calibrating this machine" in capsys.readouterr().err
+    assert main(argv) == 0  # the cache answers: no notice
+    assert "Calibrating" not in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_plan_counts_exactly_what_leanfit_tune_reports_on_minilm(tmp_path, capsys):
     run = ["--model", "minilm", "--data", "bbc-news", "--batch-size", "8", "--max-length", "32", "--epochs", "1",

@@ -37,6 +37,7 @@ import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -86,7 +87,7 @@ class Calibration:
 _FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module) -> str:
     """The base model's fingerprint, hashed again only when a weight was replaced or changed in place
     (a search estimates hundreds of configurations on one model)."""
     from ..core.model import base_fingerprint
@@ -100,7 +101,7 @@ def _fingerprint(model: nn.Module) -> str:
 
 def calibration_key(model: nn.Module, batch_size: int, seq_len: int, task: str, precision: str = "fp32") -> dict:
     # a float32 calibration's key has no precision, as before there was a choice (its cache stays valid)
-    return {"version": VERSION, "fingerprint": _fingerprint(model), "model_class": type(model).__name__,
+    return {"version": VERSION, "fingerprint": model_fingerprint(model), "model_class": type(model).__name__,
             "num_labels": getattr(getattr(model, "config", None), "num_labels", None), "task": task,
             "batch_size": int(batch_size), "seq_len": int(seq_len), "threads": torch.get_num_threads(),
             "torch": torch.__version__, **({"precision": precision} if precision != "fp32" else {})}
@@ -112,15 +113,22 @@ def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
 
 
 def calibrate(model: nn.Module, batch_size: int, seq_len: int, task: str, *,
-              cache_dir: str | Path | None = None, refresh: bool = False, precision: str = "fp32") -> Calibration:
+              cache_dir: str | Path | None = None, refresh: bool = False, precision: str = "fp32",
+              on_measure: Callable[[], None] | None = None) -> Calibration:
     """The calibration of `model` (a base model without adapters) at `batch_size` x `seq_len`: from
     the cache when its key matches, else measured now (tens of seconds) and cached in `cache_dir`
     (default ~/.cache/leanfit/calibration, or $LEANFIT_CACHE/calibration). `precision` ("fp32" or
-    "bf16", resolved): what the training steps are measured in; evaluation and inference are float32."""
+    "bf16", resolved): what the training steps are measured in; evaluation and inference are float32.
+    `on_measure` is called just before a measurement starts (not when the cache answers)."""
     if model.__dict__.get("leanfit_adapters"):
         raise ConfigError("Calibrate the base model, without adapters; load a fresh one from the zoo.")
     key = calibration_key(model, batch_size, seq_len, task, precision)
     path = cache_path(key, cache_dir)
+    try:  # before measuring: a cache folder that cannot be made would otherwise fail a minute later
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as err:
+        raise ConfigError(f"Cannot use '{path.parent}' as the calibration cache ({err.strerror.lower()}); give a "
+                          "folder you can write (leanfit plan --calibration-dir, or $LEANFIT_CACHE).") from None
     if path.is_file() and not refresh:
         try:
             data = json.loads(path.read_text())
@@ -128,6 +136,8 @@ def calibrate(model: nn.Module, batch_size: int, seq_len: int, task: str, *,
                 return Calibration(key, data["values"], path)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
             pass  # a damaged cache file is measured again and replaced
+    if on_measure is not None:
+        on_measure()
     calibration = Calibration(key, measure_model(model, batch_size, seq_len, task, key["fingerprint"], precision),
                               path, True)
     calibration.save()

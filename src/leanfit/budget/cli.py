@@ -26,11 +26,12 @@ def add_commands(subparsers) -> dict:
 def _plan(args) -> int:
     from ..tune_options import tune_config
     from .cost import estimate
-    config = tune_config(args)  # checked (TuneConfig.check): bad options are refused before the notice below
-    if not args.json:
-        print(f"Planning {config.method} on {config.data} / {config.model} (a model's first plan at a batch shape "
-              "calibrates this machine for about a minute; later plans read the cache) ...", file=sys.stderr)
-    result = estimate(config, cache_dir=args.calibration_dir, recalibrate=args.recalibrate)
+    config = tune_config(args)
+
+    def notice():  # only when a calibration is measured, after the configuration has been built
+        print(f"Calibrating this machine for {config.model} at batch {config.batch_size} x {config.max_length} "
+              "tokens (about a minute, once; later plans at this shape read the cache) ...", file=sys.stderr)
+    result = estimate(config, cache_dir=args.calibration_dir, recalibrate=args.recalibrate, on_calibrate=notice)
     if args.json:
         print(json.dumps({"config": _config_dict(config), **result.as_dict()}, indent=2, default=str))
     else:

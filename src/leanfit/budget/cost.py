@@ -62,7 +62,7 @@ class CostEstimate:
 
 
 def estimate(config, model: nn.Module | None = None, calibration=None, *, data=None, tokenizer=None,
-             cache_dir=None, recalibrate: bool = False) -> CostEstimate:
+             cache_dir=None, recalibrate: bool = False, on_calibrate=None) -> CostEstimate:
     """Cost of `leanfit tune` with `config` (a `leanfit.tune.TuneConfig`).
 
     `model`: the base model as `leanfit.zoo.model` loads it for this config's task and labels (never
@@ -70,11 +70,12 @@ def estimate(config, model: nn.Module | None = None, calibration=None, *, data=N
     for this model and batch shape, else the cached one (measured on first use, in `cache_dir`).
     `data`: the run's `TensorSplits` (as `leanfit.data.encode` makes them) when you have them, else
     the data set is loaded (a causal-LM data set is tokenised to count its blocks, with `tokenizer`).
-    `recalibrate`: measure this machine again even if a calibration is cached.
+    `recalibrate`: measure this machine again even if a calibration is cached; `on_calibrate` is
+    called just before a calibration is measured (not when the cache answers).
     """
     from ..data.splits import CLASSIFICATION
     from ..tune import load_data, method_options
-    from .calibrate import calibrate
+    from .calibrate import calibrate, model_fingerprint
     config = dataclasses.replace(config, options=method_options(config.method, dict(config.options)))
     dataset = load_data(config) if data is None else None
     source_of_labels = dataset if dataset is not None else data
@@ -86,10 +87,12 @@ def estimate(config, model: nn.Module | None = None, calibration=None, *, data=N
     elif model.__dict__.get("leanfit_adapters"):
         raise ConfigError("Pass the base model to estimate, without adapters; the configuration adds its own.")
     shape = run_shape(config, data, dataset, tokenizer)
+    # built first: a configuration the model refuses (targets, options) is refused before a calibration
+    built = exact.build(model, config, calibration.key["fingerprint"] if calibration else model_fingerprint(model))
     if calibration is None:
         calibration = calibrate(model, config.batch_size, config.max_length, shape["task"], cache_dir=cache_dir,
-                                refresh=recalibrate, precision=resolve(config.precision, torch.device("cpu")))
-    built = exact.build(model, config, calibration.key["fingerprint"])
+                                refresh=recalibrate, precision=resolve(config.precision, torch.device("cpu")),
+                                on_measure=on_calibrate)
     return compose(config, shape, built, calibration, _source(config.model))
 
 
