@@ -93,6 +93,45 @@ def test_merge_and_unmerge_are_exact(key):
             assert torch.allclose(v, original[k], atol=1e-6), k
 
 
+TWO_OF_A_KIND = {**MERGEABLE, "hut": lf.HUT(rank=2), "hydra": lf.Hydra(rank=2)}
+
+
+@pytest.mark.parametrize("key", sorted(TWO_OF_A_KIND))
+def test_two_adapters_add_up_the_same_merged_half_merged_or_not(key):
+    """Activating adapters sums their updates; merging them, one or both, must give the same model.
+    IA3, SSF, HUT and Hydra read the base weight or output: without care, merging the second on top
+    of the first multiplied the two."""
+    m = tiny_net().eval()
+    x = tokens()
+    targets = ["query"] if key in ("hut", "hydra") else ["conv", "query"]
+    for seed, name in enumerate(("a", "b")):
+        lf.adapt(m, TWO_OF_A_KIND[key], targets=targets, exclude=["classifier"], name=name)
+        perturb(m, seed=seed, scale=0.3)  # the adapter just added is the trainable one
+    lf.activate(m, "a", "b")
+    both = m(x)
+    assert not torch.allclose(both, lf.unwrap(copy.deepcopy(m))(x), atol=1e-3)  # they do something
+    lf.merge(m, "a")  # a in the weight, b still computed beside it
+    assert torch.allclose(m(x), both, atol=1e-5)
+    lf.merge(m, "b")
+    assert torch.allclose(m(x), both, atol=1e-5)
+    lf.unmerge(m, "a")
+    lf.unmerge(m, "b")
+    assert torch.allclose(m(x), both, atol=1e-5)
+
+
+def test_a_series_adapter_beside_a_merged_one_reads_the_unmerged_output():
+    m = tiny_net().eval()
+    x = tokens()
+    lf.adapt(m, lf.IA3(), targets=["query"], name="a")
+    perturb(m, scale=0.3)
+    lf.adapt(m, lf.Bottleneck(size=4), targets=["query"], name="b")
+    perturb(m, seed=1, scale=0.3)
+    lf.activate(m, "a", "b")
+    both = m(x)
+    lf.merge(m, "a")
+    assert torch.allclose(m(x), both, atol=1e-5)
+
+
 def test_merge_that_cannot_happen_changes_nothing():
     m = tiny_net()
     x = tokens()

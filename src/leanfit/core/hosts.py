@@ -4,10 +4,14 @@ The base layer stays inside the host untouched (PEFT's `base_layer` idea), so in
 and unwrapping gives back the very same module. Forward paths:
 - unmerged: h = base(x) + sum of delta(x, base(x)) over the active, unmerged adapters;
 - merged: an adapter's delta_weight was added into the base weight and it is skipped in forward;
+  an adapter that reads the base (IA3 scales its output) sees the base without the merged deltas,
+  so adapters add up the same whether merged or not (merging IA3 twice would otherwise multiply);
 - mixed rows: under a row plan (core/batching.py) each row gets its own adapter (core/segments.py).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -84,11 +88,17 @@ class AdapterHost(nn.Module):
         pending = [n for n in self.active if n not in self._merged]
         if not pending:
             return out
-        base_out = out
+        base_out, unmerged = out, None
         for name in pending:
+            adapter, base, seen = self.adapters[name], self.base_layer, base_out
+            if adapter.reads_base and self._merged:  # the base as it was before the merges
+                if unmerged is None:
+                    base = self.unmerged_base()
+                    unmerged = (base, base(x, *args, **kwargs))
+                base, seen = unmerged
             # in the base's dtype, as PEFT does: under autocast a float32 delta (IA3's l ⊙ h) would
             # otherwise turn the rest of the block float32, slower and with twice the saved bytes
-            out = out + self.adapters[name].delta(x, base_out, self.base_layer).to(base_out.dtype)
+            out = out + adapter.delta(x, seen, base).to(base_out.dtype)
         return out
 
     def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -116,6 +126,22 @@ class AdapterHost(nn.Module):
         return result
 
     # -- merging --
+    def unmerged_base(self) -> nn.Module:
+        """The base layer without the merged adapters' deltas: a shallow copy holding new weight and
+        bias tensors (the originals where a merge kept them), the base layer itself if none is merged."""
+        if not self._merged:
+            return self.base_layer
+        layer = copy.copy(self.base_layer)
+        layer._parameters = dict(self.base_layer._parameters)
+        for i, key in enumerate(("weight", "bias")):
+            tensor = layer._parameters.get(key)
+            if tensor is None:
+                continue
+            originals = [o[i] for o in self._originals.values() if o[i] is not None]
+            deltas = [d[i] for d in self._merged.values() if d[i] is not None]
+            layer._parameters[key] = originals[0] if originals else tensor.detach() - sum(deltas) if deltas else tensor
+        return layer
+
     @torch.no_grad()
     def merge_delta(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What merging adapter `name` would add to (weight, bias); raises if it cannot merge."""
@@ -123,7 +149,7 @@ class AdapterHost(nn.Module):
         if not adapter.capabilities.mergeable:
             raise AdapterError(
                 f"Adapter '{name}' ({adapter.config.method}) cannot be merged: its update is not a weight.")
-        d_weight, d_bias = adapter.delta_weight(self.base_layer)
+        d_weight, d_bias = adapter.delta_weight(self.unmerged_base() if adapter.reads_base else self.base_layer)
         return (None if d_weight is None else d_weight.detach().clone(),
                 None if d_bias is None else d_bias.detach().clone())
 

@@ -58,6 +58,10 @@ class BottleneckModule(AdapterModule):
     capabilities = Capabilities(mergeable=False, mixed_batch=True, elastic_rank=False,
                                 layer_kinds=(LINEAR, CONV2D))
 
+    @property
+    def reads_base(self) -> bool:  # a series adapter reads the layer's output
+        return self.config.placement == "series"
+
     def __init__(self, base: nn.Module, config: Bottleneck):
         super().__init__(base, config)
         series = config.placement == "series"

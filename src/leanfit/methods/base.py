@@ -165,6 +165,10 @@ class AdapterModule(nn.Module):
     capabilities: ClassVar[Capabilities]
     # A training-time controller over all layers of one adapter (train/controllers.py), or None.
     controller_class: ClassVar[type | None] = None
+    # delta / delta_weight read the base layer's output or weight (IA3, SSF, HUT, Hydra, series
+    # adapters), so with another adapter merged into that weight the host hands them the weight
+    # without it: adapters add up the same merged or not (core/hosts.py).
+    reads_base: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, config: MethodConfig, shared: nn.Module | None = None):
         super().__init__()

@@ -105,6 +105,10 @@ class CompacterModule(AdapterModule):
     capabilities = Capabilities(mergeable=False, mixed_batch=True, elastic_rank=False,
                                 layer_kinds=(LINEAR, CONV2D))
 
+    @property
+    def reads_base(self) -> bool:  # a series adapter reads the layer's output
+        return self.config.placement == "series"
+
     @classmethod
     def shared_parameters(cls, config: Compacter, bases: dict[str, nn.Module]) -> nn.Module | None:
         if not config.share:

@@ -44,6 +44,7 @@ class HydraModule(AdapterModule):
     """
 
     config_class = Hydra
+    reads_base = True  # its sequential branch reads the base output
     capabilities = Capabilities(mergeable=True, mixed_batch=True, elastic_rank=False,
                                 layer_kinds=(LINEAR,))
 

@@ -64,6 +64,10 @@ class PointwiseConv(AdapterModule):
     def method_module(self) -> AdapterModule:
         return self.inner
 
+    @property
+    def reads_base(self) -> bool:
+        return self.inner.reads_base
+
     def delta(self, x, base_out, base):
         out = self.inner.delta(x.movedim(1, -1), base_out.movedim(1, -1), linear_view(base))
         return out.movedim(-1, 1)

@@ -57,6 +57,7 @@ class IA3Module(AdapterModule):
     """
 
     config_class = IA3
+    reads_base = True  # scales the base output
     capabilities = Capabilities(mergeable=True, mixed_batch=True, elastic_rank=False,
                                 layer_kinds=ALL_KINDS)
 
@@ -93,6 +94,7 @@ class SSFModule(AdapterModule):
     """
 
     config_class = SSF
+    reads_base = True  # scales the base output
     capabilities = Capabilities(mergeable=True, mixed_batch=True, elastic_rank=False,
                                 layer_kinds=ALL_KINDS)
 

@@ -157,6 +157,7 @@ class HUTModule(AdapterModule):
     """
 
     config_class = HUT
+    reads_base = True  # scales the base weight
     capabilities = Capabilities(mergeable=True, mixed_batch=True, elastic_rank=False,
                                 layer_kinds=(LINEAR,))
 
