@@ -201,6 +201,8 @@ class DyLoRAModule(LoRAModule):
         self.eval_rank = config.rank
 
     def set_rank(self, rank: int) -> None:
+        if not isinstance(rank, int) or isinstance(rank, bool):  # 2.5 would fail at the next forward
+            raise ConfigError(f"A DyLoRA rank must be a whole number, got {rank!r} ({type(rank).__name__}).")
         if not 1 <= rank <= self.config.rank:
             raise ConfigError(f"Rank {rank} is outside this DyLoRA adapter's range 1..{self.config.rank}.")
         self.eval_rank = rank
