@@ -302,3 +302,22 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["adapter.bin"]
     atomic_save(target, lambda tmp: Path(tmp).write_bytes(b"new"))
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["adapter.bin"]
+
+
+def test_options_and_data_of_the_wrong_kind_get_one_sentence():
+    with pytest.raises(ConfigError, match="Training option lr is of the wrong kind: it must be a number, got 'x'"):
+        Trainer(classifier(), classification_data(), lr="x")
+    with pytest.raises(ConfigError, match="Training option epochs .* whole number, got 2.5"):
+        TrainConfig(epochs=2.5)
+    with pytest.raises(ConfigError, match="Trainer takes the encoded splits"):
+        Trainer(classifier(), {"train": {}})
+    TrainConfig(lr=1, checkpoint_dir=Path("ck"))  # an int for a number, a Path for a folder: fine
+
+
+def test_training_a_merged_adapter_is_refused():
+    import leanfit as lf
+    model = classifier()
+    lf.adapt(model, lf.LoRA(rank=2), targets=["embed"], train_modules=[])
+    lf.merge(model, "default")
+    with pytest.raises(ConfigError, match="'default' is merged into the base weights"):
+        Trainer(model, classification_data(), epochs=1, **FAST).fit()

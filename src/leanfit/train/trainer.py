@@ -19,6 +19,7 @@ import torch
 
 from leanfit.data.splits import CLASSIFICATION, TensorSplits
 from leanfit.errors import ConfigError, DataError, TrainingError, check_known
+from leanfit.field_types import field_type_error
 from leanfit.memory import trim_heap
 from leanfit.train.checkpoint import (check_resumable, data_fingerprint, latest_checkpoint, load_checkpoint,
                                       restore_rng, rng_state, save_checkpoint)
@@ -45,11 +46,11 @@ class TrainConfig:
     schedule: str = "linear"
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     early_stopping_patience: int | None = None  # epochs without improvement on validation
-    checkpoint_dir: str | None = None
+    checkpoint_dir: str | Path | None = None
     checkpoint_every: int = 0
     resume: bool = False
     seed: int = 0
-    metrics_path: str | None = None
+    metrics_path: str | Path | None = None
     log_every: int = 10
     progress: bool = True
     max_steps: int | None = None
@@ -71,6 +72,10 @@ class TrainConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        for option in fields(self):  # types first: lr="x" would fail in a comparison below
+            error = field_type_error(self, option.name, getattr(self, option.name))
+            if error:
+                raise ConfigError(f"Training option {option.name} is of the wrong kind: {error}.")
         checks = [
             (min(self.epochs, self.batch_size, self.eval_batch_size, self.grad_accum, self.log_every) >= 1,
              "epochs, batch_size, eval_batch_size, grad_accum and log_every must be at least 1"),
@@ -123,6 +128,17 @@ def config_with(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     return replace(config or TrainConfig(), **overrides)
 
 
+def _refuse_merged_training(model: torch.nn.Module) -> None:
+    """A merged adapter is skipped in forward (its update is in the weights), so its parameters get
+    no gradient: training it would run and change nothing."""
+    from leanfit.core.inject import hosts
+    for host in hosts(model).values():
+        for name in host.merged:
+            if any(p.requires_grad for p in host.adapters[name].parameters()):
+                raise ConfigError(f"Adapter '{name}' is merged into the base weights, so training would not change "
+                                  f"it; unmerge it first (leanfit.unmerge(model, '{name}')).")
+
+
 class Trainer:
     """Fine-tunes the parameters of `model` that require grad on `data`.
 
@@ -134,6 +150,9 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, data: TensorSplits, config: TrainConfig | None = None,
                  *, on_step: Callable[["Trainer", int], None] | None = None, **overrides):
         self.config = cfg = config_with(config, overrides)
+        if not isinstance(data, TensorSplits):
+            raise ConfigError(f"Trainer takes the encoded splits (leanfit.data.encode(dataset, tokenizer)), got "
+                              f"{type(data).__name__}.")
         self.model, self.data, self.task, self.on_step = model, data, data.task, on_step
         first = next(model.parameters(), None)
         if first is None:
@@ -215,6 +234,7 @@ class Trainer:
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise ConfigError("no model parameter requires grad; add an adapter or unfreeze some parameters.")
+        _refuse_merged_training(self.model)
         if self.total_steps == 0:
             raise DataError("the train split has no rows; give the trainer some training data.")
         if cfg.early_stopping_patience and not self.has_validation:
