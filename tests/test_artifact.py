@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import leanfit as lf
-from leanfit.errors import ArtifactError, BaseModelMismatchError
+from leanfit.errors import ArtifactError, BaseModelMismatchError, ConfigError
 from _nets import perturb, tiny_net, tokens
 
 
@@ -138,3 +138,90 @@ def test_two_adapters_saved_and_loaded_by_name(tmp_path):
     assert torch.allclose(fresh(x), out)
     with pytest.raises(ArtifactError, match="name the one to save"):
         lf.save(m, tmp_path / "c")
+
+
+def test_a_save_that_fails_before_writing_keeps_the_previous_adapter_whole(tmp_path):
+    m = trained()
+    m.eval()
+    x = tokens()
+    out = m(x)
+    lf.save(m, tmp_path / "ad")
+    perturb(m, seed=9)
+    with pytest.raises(ConfigError, match="extra metadata cannot be saved as JSON"):
+        lf.save(m, tmp_path / "ad", extra={"step": torch.tensor(3)})  # fails serialising, before any write
+    fresh = tiny_net(0)
+    lf.load(fresh, tmp_path / "ad")
+    assert torch.equal(fresh.eval()(x), out)
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(ArtifactError, match="it is a file"):
+        lf.save(m, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
+    other = tiny_net(0)
+    lf.adapt(other, lf.LoRA(rank=2), targets="all-linear", name="a", train_modules=[])
+    perturb(other)
+    lf.save(other, tmp_path / "ad")
+    manifest = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    manifest["method"]["rank"] = 4  # no longer fits the saved tensors
+    manifest["name"] = "b"
+    (tmp_path / "ad" / "adapter.json").write_text(json.dumps(manifest))
+    m = trained(lf.IA3(), seed=0)
+    m.eval()
+    x = tokens()
+    out = m(x)
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    with pytest.raises(ArtifactError, match="does not fit"):
+        lf.load(m, tmp_path / "ad")
+    assert list(lf.adapters(m)) == ["a"] and lf.active(m) == ["a"]
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    assert torch.equal(m(x), out)
+
+
+def test_dylora_rank_in_use_survives_save_and_load(tmp_path):
+    m = trained(lf.DyLoRA(rank=4)).eval()
+    lf.set_rank(m, 2)
+    x = tokens()
+    out = m(x)
+    lf.save(m, tmp_path / "ad")
+    fresh = tiny_net(0)
+    lf.load(fresh, tmp_path / "ad")
+    assert torch.equal(fresh.eval()(x), out)
+    lf.set_rank(fresh, 4)  # the whole adapter is still there
+    assert not torch.equal(fresh(x), out)
+
+
+def test_a_second_adapter_with_its_own_trained_head_is_refused_not_loaded_over_the_first(tmp_path):
+    for seed, name in ((0, "x"), (1, "y")):
+        m = tiny_net(0)
+        lf.adapt(m, lf.LoRA(rank=2), targets="all-linear", name=name)  # trains the classifier head too
+        perturb(m, seed=seed + 5)
+        lf.save(m, tmp_path / name)
+    serve = tiny_net(0).eval()
+    lf.load(serve, tmp_path / "x")
+    x = tokens()
+    out = serve(x)
+    with pytest.raises(ArtifactError, match="brings its own trained classifier, which adapter 'x'"):
+        lf.load(serve, tmp_path / "y")
+    assert torch.equal(serve(x), out) and list(lf.adapters(serve)) == ["x"]
+
+
+def test_adapters_with_different_trained_modules_load_on_an_identical_base(tmp_path):
+    m = tiny_net(0)
+    lf.adapt(m, lf.LoRA(rank=2), targets=["query"], name="a", train_modules=[])
+    lf.adapt(m, lf.LoRA(rank=2), targets=["conv"], name="b", train_modules=["block.value"])
+    perturb(m)
+    lf.save(m, tmp_path / "a", name="a")
+    lf.save(m, tmp_path / "b", name="b")
+    lf.load(tiny_net(0), tmp_path / "b")  # was refused: b recorded the fingerprint taken for a
+    holder = tiny_net(0)
+    lf.load(holder, tmp_path / "a")
+    lf.load(holder, tmp_path / "b")
+
+
+def test_a_base_in_another_precision_is_named_as_such(tmp_path):
+    m = trained()
+    lf.save(m, tmp_path / "ad")
+    with pytest.raises(BaseModelMismatchError, match="trained on a float32 base model and this one is bfloat16"):
+        lf.load(tiny_net(0).to(torch.bfloat16), tmp_path / "ad")

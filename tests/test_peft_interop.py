@@ -100,6 +100,21 @@ def test_export_loads_in_peft_with_same_logits(tmp_path, minilm, method):
     assert_same(logits(loaded, batch), expected, logits(build(), batch))
 
 
+def test_export_takes_a_path_for_the_base_name_and_keeps_an_earlier_export_whole(tmp_path, monkeypatch):
+    from pathlib import Path
+    model = tiny_net()
+    lf.adapt(model, lf.LoRA(rank=2), targets="all-linear")
+    export_peft(model, tmp_path / "peft", base_model_name_or_path=Path("models/tiny"))  # was a TypeError
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "models/tiny"
+    before = {f.name: f.read_bytes() for f in (tmp_path / "peft").iterdir()}
+    perturb(model)
+    monkeypatch.setattr("leanfit.core.peft_format.json.dumps", lambda *a, **k: (_ for _ in ()).throw(TypeError("x")))
+    with pytest.raises(TypeError):
+        export_peft(model, tmp_path / "peft")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "peft").iterdir()} == before
+
+
 def test_export_writes_peft_key_names_and_layouts(tmp_path):
     model = tiny_net()
     lf.adapt(model, lf.LoRA(rank=2), targets=(torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding),

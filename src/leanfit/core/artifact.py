@@ -21,7 +21,8 @@ from ..errors import ArtifactError, BaseModelMismatchError, ConfigError
 from ..io import atomic_write_bytes
 from ..methods.base import SHARED
 from ..methods.registry import config_from_dict
-from .model import adapt, adapter_modules, base_fingerprint, delete, shared_module, spec
+from .model import (activate, active, adapt, adapter_modules, adapters, base_fingerprint, delete, set_rank,
+                    shared_module, spec)
 
 SCHEMA_VERSION = 1
 MANIFEST = "adapter.json"
@@ -52,6 +53,8 @@ def save(model: nn.Module, path: str | Path, name: str | None = None, extra: dic
     name = name or _only_adapter(model)
     s = spec(model, name)
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"Cannot save the adapter to '{path}': it is a file; give a folder to save into.")
     payload = safetensors.torch.save(adapter_tensors(model, name))
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -60,13 +63,26 @@ def save(model: nn.Module, path: str | Path, name: str | None = None, extra: dic
         "targets": s.targets,
         "train_modules": s.train_modules,
         "base_model": {"fingerprint": s.base_fingerprint, "class": type(model).__name__,
-                       "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)},
+                       "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+                       "dtype": str(_float_dtype(model)).removeprefix("torch.")},
         "tensors": {"file": TENSORS, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)},
         "extra": extra or {},
     }
+    ranks = {m.method_module.eval_rank for m in adapter_modules(model, name).values() if m.capabilities.elastic_rank}
+    if len(ranks) == 1 and ranks != {s.config.rank}:  # DyLoRA truncated with set_rank: load it so
+        manifest["rank_in_use"] = ranks.pop()
+    try:  # everything serialised before the first byte is written: a failure leaves the old adapter whole
+        text = (json.dumps(manifest, indent=2) + "\n").encode()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"The extra metadata cannot be saved as JSON ({err}); pass numbers, strings, lists "
+                          "and dicts of them.") from None
     atomic_write_bytes(path / TENSORS, payload)
-    atomic_write_bytes(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(path / MANIFEST, text)
     return path
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -135,7 +151,12 @@ def read_tensors(path: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 def check_base(model: nn.Module, manifest: dict, source: str | Path) -> None:
     expected = manifest["base_model"]["fingerprint"]
-    actual = model.__dict__.get("leanfit_fingerprint") or base_fingerprint(model, manifest["train_modules"])
+    actual = base_fingerprint(model, manifest["train_modules"])
+    saved, dtype = manifest["base_model"].get("dtype"), str(_float_dtype(model)).removeprefix("torch.")
+    if actual != expected and saved and saved != dtype:  # the same weights in another precision hash apart
+        raise BaseModelMismatchError(
+            f"The adapter at '{source}' was trained on a {saved} base model and this one is {dtype}; load it onto "
+            f"the {saved} model, then cast the adapted model (model.to(torch.{dtype})).")
     if actual != expected:
         raise BaseModelMismatchError(
             f"The adapter at '{source}' was trained on base model {expected} "
@@ -149,15 +170,45 @@ def load(model: nn.Module, path: str | Path, name: str | None = None) -> str:
     check_base(model, manifest, path)
     tensors = read_tensors(path, manifest)
     name = name or manifest["name"]
+    _check_heads_free(model, manifest["train_modules"], tensors, path)
     exact = "|".join(re.escape(t) for t in manifest["targets"])
+    was_active = active(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    heads = {h: {k: v.clone() for k, v in model.get_submodule(h).state_dict().items()} for h in manifest["train_modules"]}
     adapt(model, config_from_dict(manifest["method"]), targets=f"(?:{exact})", name=name,
           train_modules=manifest["train_modules"])
     try:
         _load_state(model, name, tensors, path)
-    except ArtifactError:
+        if "rank_in_use" in manifest:
+            set_rank(model, manifest["rank_in_use"], name)
+    except (ArtifactError, ConfigError) as err:  # the model is left as it was: adapters, active ones, heads, flags
         delete(model, name)
-        raise
+        activate(model, *was_active)
+        for h, state in heads.items():
+            model.get_submodule(h).load_state_dict(state)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        if isinstance(err, ArtifactError):
+            raise
+        raise ArtifactError(f"The adapter at '{path}' cannot be loaded ({str(err).rstrip('.')}).") from None
     return name
+
+
+def _check_heads_free(model: nn.Module, heads: list[str], tensors: dict, source) -> None:
+    """A module trained in full is one module, not one per adapter: a second adapter's head loaded
+    over the first's would silently change the first adapter's outputs (unless it is the same head)."""
+    for other, s in adapters(model).items():
+        shared = sorted(h for h in set(s.train_modules) & set(heads) if not _holds(model.get_submodule(h), h, tensors))
+        if shared:
+            raise ArtifactError(f"The adapter at '{source}' brings its own trained {', '.join(shared)}, which adapter "
+                                f"'{other}' of this model also trains, and a model holds one {shared[0]}; delete "
+                                f"'{other}' first, or load this adapter onto a fresh copy of the base model.")
+
+
+def _holds(module: nn.Module, prefix: str, tensors: dict) -> bool:
+    """Whether `module` already has the values saved under `prefix` (the same head loaded again)."""
+    state = module.state_dict()
+    return all(f"{prefix}.{k}" in tensors and torch.equal(v.cpu(), tensors[f"{prefix}.{k}"]) for k, v in state.items())
 
 
 def _load_state(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source) -> None:

@@ -84,7 +84,7 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None,
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path or _name_or_path(model),
+        "base_model_name_or_path": str(base_model_name_or_path or _name_or_path(model) or "") or None,
         "r": ranks.pop(),
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": float(getattr(s.config, "dropout", 0.0)),
@@ -101,8 +101,10 @@ def export_peft(model: nn.Module, path: str | Path, name: str | None = None,
     }
     path = Path(path)
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path / WEIGHTS_FILE, safetensors.torch.save(payload))
-    atomic_write_bytes(path / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    # both files serialised before either is written: a failure leaves an earlier export whole
+    weights, text = safetensors.torch.save(payload), (json.dumps(config, indent=2) + "\n").encode()
+    atomic_write_bytes(path / WEIGHTS_FILE, weights)
+    atomic_write_bytes(path / CONFIG_FILE, text)
     return path
 
 
