@@ -312,3 +312,67 @@ def test_config_round_trips_through_dict():
     for cfg in [lf.LoRA(rank=3, alpha=6, use_rslora=True), lf.DyLoRA(rank=4, min_rank=2), lf.Bottleneck(size=7),
                 lf.IA3(), lf.LoRASB(rank=2, init="gradient")]:
         assert lf.config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("name", ["x.y", "", 3])
+def test_a_bad_adapter_name_is_refused_before_any_layer_is_wrapped(name):
+    m = tiny_net()
+    keys = list(m.state_dict())
+    with pytest.raises(ConfigError, match="adapter name must be a non-empty string without '.'"):
+        lf.adapt(m, lf.LoRA(rank=2), targets="all-linear", name=name)
+    assert list(m.state_dict()) == keys  # no layer left wrapped (its weight renamed base_layer.weight)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m: lf.adapt(m, lf.LoRA(rank=2), targets=5), TargetError, "not a kind leanfit reads"),
+    (lambda m: lf.adapt(m, lf.LoRA(rank=2), targets=None), TargetError, "not a kind leanfit reads"),
+    (lambda m: lf.adapt(m, lf.LoRA, targets="all-linear"), ConfigError, "not the class LoRA"),
+    (lambda m: lf.adapt("model", lf.LoRA(rank=2)), ConfigError, "torch.nn.Module to adapt, got str"),
+    (lambda m: lf.set_rank(m, 1, name="zz"), UnknownAdapterError, "Unknown adapter 'zz'"),
+    (lambda m: lf.deactivate(m, "zz"), UnknownAdapterError, "Unknown adapter 'zz'"),
+])
+def test_wrong_arguments_get_one_sentence(call, error, message):
+    m = tiny_net()
+    with pytest.raises(error, match=message):
+        call(m)
+
+
+def test_train_modules_given_as_one_name_is_that_module():
+    m = tiny_net()
+    lf.adapt(m, lf.LoRA(rank=2), targets=["query"], train_modules="classifier")
+    assert lf.adapters(m)["default"].train_modules == ["classifier"]
+
+
+def test_active_adapters_say_what_acts():
+    m = tiny_net().eval()
+    lf.adapt(m, lf.LoRA(rank=2), targets=["query"], name="a", train_modules=[])
+    perturb(m)
+    lf.adapt(m, lf.LoRA(rank=2), targets=["query"], name="b", train_modules=[])
+    perturb(m, seed=3)
+    x = tokens()
+    lf.activate(m, "a")
+    once = m(x)
+    lf.activate(m, "a", "a")  # once, not twice
+    assert lf.active(m) == ["a"] and torch.equal(m(x), once)
+    lf.activate(m, "b")
+    lf.merge(m, "a")  # merged, it acts: active() says so
+    assert sorted(lf.active(m)) == ["a", "b"]
+    with pytest.raises(AdapterError, match="'a' is merged into the base weights"):
+        lf.deactivate(m, "a")
+    lf.unmerge(m, "a")
+    lf.deactivate(m, "a")
+    assert lf.active(m) == ["b"]
+
+
+def test_set_rank_that_one_adapter_cannot_take_changes_none():
+    m = tiny_net().eval()
+    lf.adapt(m, lf.DyLoRA(rank=4), targets=["query"], name="a", train_modules=[])
+    perturb(m)
+    lf.adapt(m, lf.DyLoRA(rank=2), targets=["value"], name="b", train_modules=[])
+    perturb(m, seed=3)
+    lf.activate(m, "a", "b")
+    x = tokens()
+    out = m(x)
+    with pytest.raises(ConfigError, match="outside this DyLoRA adapter's range 1..2"):
+        lf.set_rank(m, 3)  # a takes 3, b does not: neither changes
+    assert torch.equal(m(x), out)

@@ -307,6 +307,7 @@ def test_single_adapter_generation_runs_merged_and_mixed_batches_unmerge_it(tiny
     for rows in ([("a", p) for p in prompts], [(None, prompts[0]), ("b", prompts[1]), ("a", prompts[0])]):
         results = asyncio.run(run_jobs(engine, [(n, params[p]) for n, p in rows]))
         for (n, p), result in zip(rows, results):
+            assert not isinstance(result, Exception), result
             assert result["choices"][0]["text"] == tokenizer.decode(expected[n, p], skip_special_tokens=True), (n, p)
     assert merged == ["a", None]  # the one-adapter generation ran merged, the mixed one unmerged it
     bare(model)

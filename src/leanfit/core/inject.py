@@ -68,7 +68,13 @@ def _matcher(targets: Targets, model: nn.Module):
         except re.error as err:
             raise TargetError(f"Target pattern '{targets}' is not a valid regular expression ({err}).") from None
         return lambda name, layer: pattern.fullmatch(name) is not None
-    names = list(targets)
+    try:
+        names = list(targets)
+    except TypeError:  # e.g. 5 or None
+        names = None
+    if names is None or not all(isinstance(t, str) for t in names):
+        raise TargetError(f"Targets {targets!r} are not a kind leanfit reads; give 'all-linear', a list of layer "
+                          "names, a regular expression, or layer types such as nn.Linear.")
     return lambda name, layer: any(name == t or name.endswith("." + t) for t in names)
 
 

@@ -52,7 +52,7 @@ def task_heads(model: nn.Module) -> list[str]:
 def _resolve_train_modules(model: nn.Module, train_modules) -> list[str]:
     if train_modules == AUTO:
         return task_heads(model)
-    names = list(train_modules or [])
+    names = [train_modules] if isinstance(train_modules, str) else list(train_modules or [])  # one name, as PEFT
     for n in names:
         try:
             model.get_submodule(n)
@@ -62,8 +62,20 @@ def _resolve_train_modules(model: nn.Module, train_modules) -> list[str]:
 
 
 def base_fingerprint(model: nn.Module, train_modules=()) -> str:
-    """The fingerprint adapters record: base weights without freshly initialised task heads."""
-    return fingerprint(model, tuple(dict.fromkeys([*_resolve_train_modules(model, AUTO), *train_modules])))
+    """The fingerprint adapters record: base weights without freshly initialised task heads and the
+    modules trained in full. Once a model holds adapters (whose merges and heads change weights),
+    each set of such modules is hashed once and remembered; `leanfit_fingerprint`, where set (the
+    budget's weight-less copies), stands for every set."""
+    override = model.__dict__.get("leanfit_fingerprint")
+    if override:
+        return override
+    skip = tuple(sorted(dict.fromkeys([*_resolve_train_modules(model, AUTO), *train_modules])))
+    known = model.__dict__.get("leanfit_fingerprints")
+    if known is None:  # no adapter yet: the weights are the base's
+        return fingerprint(model, skip)
+    if skip not in known:
+        known[skip] = fingerprint(model, skip)
+    return known[skip]
 
 
 def adapt(model: nn.Module, config: MethodConfig, targets: Targets = "all-linear", name: str = "default",
@@ -73,13 +85,14 @@ def adapt(model: nn.Module, config: MethodConfig, targets: Targets = "all-linear
     Everything else is frozen, except `train_modules` (by default a sequence-classification head),
     which are trained in full and saved with the adapter.
     """
+    _check_call(model, config, name)
     if name in adapters(model):
         raise AdapterError(f"Adapter '{name}' already exists; delete it or choose another name.")
     heads = _resolve_train_modules(model, train_modules)
     if "leanfit_requires_grad" not in model.__dict__:
         model.__dict__["leanfit_requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
-    if "leanfit_fingerprint" not in model.__dict__:
-        model.__dict__["leanfit_fingerprint"] = base_fingerprint(model, heads)
+    model.__dict__.setdefault("leanfit_fingerprints", {})
+    fingerprint_now = base_fingerprint(model, heads)
     found = find_targets(model, targets, exclude)
     names = [n for n in found if not any(n == h or n.startswith(h + ".") for h in heads)]
     if not names:  # the adapter would be only the heads trained in full: a probe, not an adapter
@@ -90,11 +103,24 @@ def adapt(model: nn.Module, config: MethodConfig, targets: Targets = "all-linear
         host = host_at(model, target)
         module.train(host.training)  # follow the model's mode, as PEFT does
         host.add(name, module)
-    new = AdapterSpec(name, config, names, heads, model.__dict__["leanfit_fingerprint"])
+    new = AdapterSpec(name, config, names, heads, fingerprint_now)
     adapters(model)[name] = new
     activate(model, name)  # like PEFT's set_adapter: the adapter being trained acts alone
     set_trainable(model, name)
     return new
+
+
+def _check_call(model, config, name) -> None:
+    """adapt's arguments, checked before anything changes."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"adapt takes the torch.nn.Module to adapt, got {type(model).__name__}.")
+    if isinstance(config, type) and issubclass(config, MethodConfig):
+        raise ConfigError(f"Pass a method config, e.g. {config.__name__}() with its options, not the class "
+                          f"{config.__name__} itself.")
+    if not isinstance(config, MethodConfig):
+        raise ConfigError(f"adapt takes a method config such as leanfit.LoRA(rank=8), got {type(config).__name__}.")
+    if not isinstance(name, str) or not name or "." in name:  # a module name: it keys a ModuleDict in every host
+        raise ConfigError(f"An adapter name must be a non-empty string without '.', got {name!r}; e.g. name='news'.")
 
 
 def _build_layers(model: nn.Module, config: MethodConfig, names: list[str]) -> dict[str, nn.Module]:
@@ -125,6 +151,7 @@ def active(model: nn.Module) -> list[str]:
 
 def activate(model: nn.Module, *names: str) -> None:
     """Make exactly `names` active (their deltas are summed); no names: deactivate all."""
+    names = tuple(dict.fromkeys(names))  # naming one twice must not add it twice
     for n in names:
         spec(model, n)
     for host in hosts(model).values():
@@ -132,7 +159,17 @@ def activate(model: nn.Module, *names: str) -> None:
 
 
 def deactivate(model: nn.Module, name: str | None = None) -> None:
+    """Switch adapter `name` off (None: every adapter)."""
+    if name is not None:
+        spec(model, name)
+        if name in _merged_names(model):  # its update is in the weights: switching it off would not
+            raise AdapterError(f"Adapter '{name}' is merged into the base weights, so it cannot be switched off; "
+                               f"unmerge it first (leanfit.unmerge(model, '{name}')).")
     activate(model, *[n for n in _active_names(model) if name is not None and n != name])
+
+
+def _merged_names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(a for h in hosts(model).values() for a in h.merged))
 
 
 def set_trainable(model: nn.Module, name: str | None) -> None:
@@ -170,6 +207,8 @@ def merge(model: nn.Module, name: str) -> None:
     deltas = [h.merge_delta(name) for h in todo]
     for host, delta in zip(todo, deltas):
         host.merge(name, delta)
+        if name not in host.active:  # in the weights it acts: say so, as active() reports
+            host.active.append(name)
 
 
 def unmerge(model: nn.Module, name: str) -> None:
@@ -186,8 +225,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     for n, p in model.named_parameters():
         if n in flags:
             p.requires_grad_(flags[n])
-    model.__dict__.pop("leanfit_adapters", None)
-    model.__dict__.pop("leanfit_fingerprint", None)
+    for key in ("leanfit_adapters", "leanfit_fingerprint", "leanfit_fingerprints"):
+        model.__dict__.pop(key, None)
     return model
 
 
@@ -199,14 +238,20 @@ def adapter_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
 
 def set_rank(model: nn.Module, rank: int, name: str | None = None) -> None:
     """Use rank `rank` of every elastic-rank adapter (DyLoRA), of adapter `name` or of all."""
-    found = False
-    for host in hosts(model).values():
-        for n, adapter in host.adapters.items():
-            if (name is None or n == name) and adapter.capabilities.elastic_rank:
-                adapter.set_rank(rank)
-                found = True
-    if not found:
+    if name is not None:
+        spec(model, name)
+    chosen = [a for h in hosts(model).values() for n, a in h.adapters.items()
+              if (name is None or n == name) and a.capabilities.elastic_rank]
+    if not chosen:
         raise AdapterError("No elastic-rank adapter (e.g. DyLoRA) to set the rank of.")
+    before = [a.method_module.eval_rank for a in chosen]
+    try:
+        for adapter in chosen:
+            adapter.set_rank(rank)
+    except ConfigError:  # one adapter's range is smaller: none changes
+        for adapter, old in zip(chosen, before):
+            adapter.method_module.eval_rank = old
+        raise
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
