@@ -210,6 +210,17 @@ def test_tune_refuses_a_run_whose_trained_values_alone_do_not_fit_in_free_memory
 
 
 @pytest.mark.integration
+def test_tune_counts_what_the_adapters_keep_for_backward_before_it_starts(capsys, tmp_path, monkeypatch):
+    # LoRA r=8's 118,661 trained values take 1.9 MB; its layers below the last block keep 3.5 MiB a step
+    # at 32 rows of 512 tokens (a rank of 100,000 kept 20 GiB and was killed by the kernel, without a word)
+    monkeypatch.setattr("leanfit.memory.available_bytes", lambda: 2_200_000, raising=False)
+    one_sentence_error(capsys, ["tune", "--max-length", 512, "--precision", "fp32", "--epochs", 1, "--max-train-rows",
+                                8, "--max-eval-rows", 8, "--no-progress", "-o", tmp_path / "o"],
+                       "and its adapters keep at least 3.5 MiB for each step's backward", "lower --batch-size")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.integration
 def test_tune_refuses_data_too_small_to_split_before_training(capsys, tmp_path):
     _write_csv(tmp_path / "two.csv", [("alpha beta", "a"), ("gamma delta", "b")])
     one_sentence_error(capsys, ["tune", "--data", tmp_path / "two.csv", "--text-column", "body", "--label-column",

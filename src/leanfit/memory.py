@@ -35,6 +35,15 @@ def rss_bytes() -> int | None:
     return status_bytes("VmRSS")
 
 
+def human_bytes(n: float) -> str:
+    """Bytes in binary units, as a user reads them (12 B, 3.4 MiB, 21.7 GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def available_bytes() -> int | None:
     """Memory the system can give without swapping (/proc/meminfo's MemAvailable); None without /proc."""
     try:

@@ -181,11 +181,13 @@ TRAINED_BYTES = 16
 
 
 def check_fits(model, config: TuneConfig) -> None:
-    """Refuse a run whose trained values alone (with gradients and optimizer state) need more memory
-    than the machine has free, counted on a weight-less copy before anything is allocated: a rank far
-    above the layers' sizes would otherwise grow until the kernel kills the process, without a word."""
+    """Refuse a run whose trained values (with gradients and optimizer state) and what its adapters
+    keep for backward in one step need more memory than the machine has free, counted on a
+    weight-less copy before anything is allocated: a rank far above the layers' sizes would otherwise
+    grow until the kernel kills the process, without a word. Both are lower bounds (the base model's
+    own activations are not counted); `leanfit plan` estimates the whole peak."""
     from .budget.exact import meta_adapted
-    from .memory import available_bytes
+    from .memory import available_bytes, human_bytes
     free = available_bytes()
     if free is None or config.method in BASELINES:
         return
@@ -193,10 +195,30 @@ def check_fits(model, config: TuneConfig) -> None:
     if copy is None:  # a method whose init needs real values: not counted here
         return
     trained = sum(p.numel() for p in copy.parameters() if p.requires_grad)
-    if trained * TRAINED_BYTES > free:
+    kept = _kept_per_step(copy, config)
+    if trained * TRAINED_BYTES + kept > free:
         raise ConfigError(f"{config.method} with these options trains {trained:,} values, whose weights, gradients and "
-                          f"optimizer state alone take {trained * TRAINED_BYTES / 2 ** 30:.1f} GiB, more than the "
-                          f"{free / 2 ** 30:.1f} GiB this machine has free; lower the rank or size, or target fewer layers.")
+                          f"optimizer state take {human_bytes(trained * TRAINED_BYTES)}, and its adapters keep at least "
+                          f"{human_bytes(kept)} for each step's backward: more than the {human_bytes(free)} this machine "
+                          "has free; lower the rank or size, target fewer layers, or lower --batch-size or --max-length.")
+
+
+def _kept_per_step(copy, config: TuneConfig) -> int:
+    """Bytes the adapters keep for backward in one training step, at least: their traced cost per
+    token (methods' `cost`) over batch x max_length tokens, as text rows are padded to max_length and
+    causal-LM blocks are that long. The last block's layers are left out (a classifier runs part of it
+    at one position) and so is every model that does not read tokens."""
+    from .core.model import adapter_modules
+    from .train.layers import transformer_blocks
+    from .train.precision import resolve
+    found = transformer_blocks(copy)
+    if found is None or getattr(getattr(copy, "config", None), "vocab_size", None) is None:
+        return 0
+    last = f"{found[0]}.{len(found[1]) - 1}."
+    per_token = sum(module.cost(1, copy.get_submodule(host).base_layer).activation_bytes_per_token
+                    for host, module in adapter_modules(copy, config.name).items() if not host.startswith(last))
+    scale = 0.5 if resolve(config.precision, torch.device("cpu")) == "bf16" else 1.0  # traced in float32
+    return int(per_token * config.batch_size * config.max_length * scale)
 
 
 def apply_method(model, config: TuneConfig) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..memory import human_bytes
+
 
 def add_commands(subparsers) -> dict:
     from ..tune_options import add_tune_arguments
@@ -60,12 +62,12 @@ def _print_table(config, result) -> None:
     table.add_column("how", style="dim")
     table.add_row("trainable parameters", f"{result.trainable_params:,} ({100 * result.trainable_share:.3f}%)",
                   "exact (the adapter built as tune builds it)")
-    table.add_row("adapter file", _bytes(result.adapter_bytes), "exact (adapter.safetensors)")
-    table.add_row("peak memory (RSS)", _bytes(result.train_peak_bytes),
-                  f"estimated: process {_bytes(memory['process_bytes'])}, activations "
-                  f"{_bytes(memory['activations_bytes'])}, grads + AdamW "
-                  f"{_bytes(memory['gradients_bytes'] + memory['adam_bytes'])}, prefix cache "
-                  f"{_bytes(memory['prefix_cache_bytes'])}")
+    table.add_row("adapter file", human_bytes(result.adapter_bytes), "exact (adapter.safetensors)")
+    table.add_row("peak memory (RSS)", human_bytes(result.train_peak_bytes),
+                  f"estimated: process {human_bytes(memory['process_bytes'])}, activations "
+                  f"{human_bytes(memory['activations_bytes'])}, grads + AdamW "
+                  f"{human_bytes(memory['gradients_bytes'] + memory['adam_bytes'])}, prefix cache "
+                  f"{human_bytes(memory['prefix_cache_bytes'])}")
     table.add_row("training step", _seconds(result.step_seconds),
                   f"estimated: passes {_seconds(b['step']['passes_s'])}, adapters {_seconds(b['step']['adapters_s'])}, "
                   f"AdamW {_seconds(b['step']['optimizer_s'])}")
@@ -79,14 +81,6 @@ def _print_table(config, result) -> None:
 
 def _options(config) -> str:
     return " ".join(f"{k}={v}" for k, v in config.options.items())
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _seconds(s: float) -> str:
