@@ -99,6 +99,7 @@ def test_budget_values_parse_to_the_cost_model_units():
     ("params", "is not KEY=VALUE"),
     ("memory=lots", "write e.g. memory=5MB"),
     ("params=0%", "must be above zero"),
+    ("params=200%", "more than the whole model; give a share up to 100%"),
     ("params=1%,params=2%", "given twice"),
 ])
 def test_bad_budgets_say_what_to_write(text, fragment):

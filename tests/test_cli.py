@@ -40,6 +40,8 @@ def test_bad_arguments_print_one_sentence_and_exit_2(capsys, tmp_path):
     one_sentence_error(capsys, ["info", str(tmp_path / "x")], "No leanfit adapter")
     one_sentence_error(capsys, ["info", "--methods", str(tmp_path / "x")], "not both")
     one_sentence_error(capsys, ["frobnicate"], "invalid choice")
+    one_sentence_error(capsys, ["search", "--lr-range", "-1:1"], "expected one argument",
+                       "a value that starts with '-' is given as --lr-range=VALUE")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("kept")
     for output, fragment in (("", "empty text"), (tmp_path / "ad", "the adapter's own folder"),

@@ -22,7 +22,11 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one sentence instead of argparse's usage dump
-        raise ConfigError(f"{message[0].upper()}{message[1:]}; see `{self.prog} --help`.")
+        hint = ""
+        if message.endswith("expected one argument"):  # e.g. --lr-range -1:1: a value read as an option
+            option = message.split()[1].rstrip(":")
+            hint = f" (a value that starts with '-' is given as {option}=VALUE)"
+        raise ConfigError(f"{message[0].upper()}{message[1:]}{hint}; see `{self.prog} --help`.")
 
 
 def _positive(text: str) -> int:

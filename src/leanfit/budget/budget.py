@@ -125,6 +125,9 @@ def _parse_limit(key: str, value: str) -> Limit:
         raise ConfigError(f"Budget value {key}={value} cannot be read; write e.g. {example}.")
     if parsed <= 0:
         raise ConfigError(f"Budget value {key}={value} must be above zero; give a positive limit.")
+    if share and parsed > 1:  # a share over the whole model limits nothing: likely a typo for a smaller one
+        raise ConfigError(f"Budget value {key}={value} is more than the whole model; give a share up to 100%, "
+                          "e.g. params=1%.")
     return Limit(key, value, parsed, share)
 
 
