@@ -155,6 +155,23 @@ def test_bad_requests_get_openai_style_errors_with_the_right_status(minilm):
         client(url).embeddings.create(model="lora", input="x", dimensions=100000)  # not 384 values, silently
 
 
+def test_an_input_longer_than_the_model_reads_is_refused_and_fails_no_other_request(minilm):
+    url = minilm[0]
+    long, short = "word " * 600, TEXTS[0]  # 602 tokens with [CLS] and [SEP]; MiniLM reads 512
+
+    def one(text):
+        try:
+            return client(url).embeddings.create(model="lora", input=text).data[0].embedding
+        except openai.BadRequestError as err:
+            return err
+
+    with ThreadPoolExecutor(2) as pool:  # sent together, so they may share a batch
+        refused, answered = pool.map(one, [long, short])
+    assert isinstance(refused, openai.BadRequestError)
+    assert "Input 0 is 602 tokens, more than the 512 this model reads" in refused.message  # not cut silently
+    assert close(answered, minilm[2]["lora", short])
+
+
 def test_loading_and_unloading_adapters_while_traffic_flows_fails_no_request(minilm):
     url, engine, expected = minilm
     stop, results = threading.Event(), []
@@ -334,6 +351,45 @@ def test_completions_over_http_stream_sample_and_stop(tiny_llama):
             client(url).completions.create(model="a", prompt=prompt, max_tokens=500)
         with pytest.raises(openai.BadRequestError, match="Token ids"):
             client(url).completions.create(model="a", prompt=[10 ** 9], max_tokens=2)
+
+
+def test_completion_options_as_openai_counts_and_refuses_them(tiny_llama):
+    model, tokenizer, registry = tiny_llama
+    engine = Engine(bare(model), tokenizer, AdapterRegistry(registry), model_name="tiny")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with serving(engine) as url:
+        stream = client(url).completions.create(model="a", prompt="hello there", max_tokens=3, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}, n=2)
+        chunks = list(stream)  # was cut off before the usage chunk and [DONE]
+        usage = chunks[-1].usage
+        assert usage is not None and usage.prompt_tokens == len(tokenizer("hello there")["input_ids"])
+        out = client(url).completions.create(model="a", prompt=["hello", "bye now"], max_tokens=2, n=3, temperature=0)
+        assert out.usage.prompt_tokens == sum(len(tokenizer(t)["input_ids"]) for t in ("hello", "bye now"))  # once each
+        client(url).completions.create(model="a", prompt="hi", max_tokens=2, n=2, seed=(1 << 64) - 1)
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            client(url).chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}])
+        for body in ({"prompt": []}, {"prompt": "hi", "seed": 1 << 64}):
+            r = httpx.post(f"{url}/v1/completions", json={"model": "a", "max_tokens": 2, **body}, headers=headers)
+            assert r.status_code == 422 and "error" in r.json(), r.text
+        for option in ({"response_format": {"type": "json_object"}}, {"tool_choice": "auto"}, {"logprobs": 0}):
+            r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": "hi", "max_tokens": 2, **option},
+                           headers=headers)
+            assert r.status_code == 400 and "not supported" in r.json()["error"]["message"], option
+
+
+def test_a_client_that_leaves_a_completion_cancels_it(tiny_llama):
+    model, tokenizer, registry = tiny_llama
+    engine = Engine(bare(model), tokenizer, AdapterRegistry(registry), model_name="tiny")
+    with serving(engine) as url:
+        observe = engine.on_batch  # the metrics' hook, set by the app
+        engine.on_batch = lambda rows: (time.sleep(1.5), observe(rows))  # generation starts after the client left
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": "hi", "max_tokens": 50},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while 'status="499"' not in httpx.get(f"{url}/metrics").text:  # counted as closed, its rows stopped
+            assert time.monotonic() < deadline, "the abandoned completion was never cancelled"
+            time.sleep(0.1)
 
 
 # -- chat on the real SmolLM2-135M --

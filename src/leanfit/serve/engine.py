@@ -106,9 +106,28 @@ class Engine:
                 raise ConfigError(f"Token ids must be in [0, {vocab}); check the tokenizer that made them.")
         return rows
 
+    @property
+    def input_limit(self) -> int:
+        """The most tokens an embedding input may have: the engine's max_length, within the model's positions."""
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        return min(self.max_length, positions) if isinstance(positions, int) else self.max_length
+
+    def embedding_rows(self, rows: list) -> list[list[int]]:
+        """The inputs as token ids, refused (as OpenAI does) where one is longer than the model reads:
+        cut silently it would embed another text, and past the model's positions it fails the batch."""
+        self.check_rows(rows)
+        ids = [self.tokenizer(r)["input_ids"] if isinstance(r, str) else list(r) for r in rows]
+        limit = self.input_limit
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                raise ConfigError(f"Input {i} is {len(row)} tokens, more than the {limit} this model reads; shorten "
+                                  "or split it.")
+        return ids
+
     def generation_params(self, prompts: list[list[int]], max_tokens: int | None, temperature: float = 1.0,
-                          top_p: float = 1.0, stop=(), seed: int | None = None) -> GenerationParams:
-        """Checked parameters of one generation request; max_tokens None: up to 256 within the context."""
+                          top_p: float = 1.0, stop=(), seed: int | None = None, n: int = 1) -> GenerationParams:
+        """Checked parameters of one generation request (`prompts`: each prompt `n` times in a row, one per
+        choice); max_tokens None: up to 256 within the context."""
         self.check_rows(prompts)
         limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         longest = max(len(x) for x in prompts)
@@ -116,7 +135,7 @@ class Engine:
         if longest + max_tokens > limit:
             raise ConfigError(f"The prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                               f"context of {limit} tokens; shorten the prompt or lower max_tokens.")
-        return GenerationParams(prompts, max_tokens, temperature, top_p, list(stop), seed)
+        return GenerationParams(prompts, max_tokens, temperature, top_p, list(stop), seed, n)
 
     def submit(self, kind: str, adapter: str | None, payload=None) -> Job:
         """Queue a job from a coroutine; await `job.events` for its results."""
@@ -217,12 +236,8 @@ class Engine:
         generate(self.model, self.tokenizer, jobs)
 
     def _token_rows(self, inputs: list) -> list[list[int]]:
-        out = []
-        for item in inputs:
-            if isinstance(item, str):
-                item = self.tokenizer(item, truncation=True, max_length=self.max_length)["input_ids"]
-            out.append(list(item)[: self.max_length])
-        return out
+        """Token ids of each input (a route has checked them with embedding_rows; tokenised here otherwise)."""
+        return [self.tokenizer(x)["input_ids"] if isinstance(x, str) else list(x) for x in inputs]
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sentence-transformers pooling: mean over real tokens, then unit L2 norm."""

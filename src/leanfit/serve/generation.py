@@ -26,6 +26,7 @@ class GenerationParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    n: int = 1  # choices per prompt: `prompts` holds each prompt n times in a row
 
 
 def generate(model: nn.Module, tokenizer, jobs: list) -> None:
@@ -59,7 +60,7 @@ def generate(model: nn.Module, tokenizer, jobs: list) -> None:
         mine = sorted((r for r in rows if r.job is job), key=lambda r: r.choice)
         job.emit("done", {"choices": [{"index": r.choice, "text": r.text,
                                        "finish_reason": r.finish_reason or "length"} for r in mine],
-                          "prompt_tokens": sum(len(r.ids) for r in mine),
+                          "prompt_tokens": sum(len(r.ids) for r in mine if r.choice % r.params.n == 0),  # once a prompt
                           "completion_tokens": sum(len(r.generated) for r in mine)})
 
 
@@ -73,7 +74,8 @@ class Row:
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed + choice if params.seed is not None else torch.seed())
+            # choice i draws from seed + i, kept in the generator's range (a seed near 2**64 would overflow)
+            self.generator.manual_seed((params.seed + choice) % (1 << 64) if params.seed is not None else torch.seed())
 
     @property
     def finished(self) -> bool:

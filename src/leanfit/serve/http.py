@@ -7,6 +7,7 @@ whose fault it was: 401 no or wrong key, 404 unknown adapter, 409 adapter of ano
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from ..errors import AdapterError, ArtifactError, BaseModelMismatchError, ConfigError, UnknownAdapterError
@@ -49,8 +50,9 @@ class Dispatch:
     def __init__(self, engine: Engine, metrics: Metrics):
         self.engine, self.metrics = engine, metrics
 
-    async def start(self, job_kind: str, endpoint: str, body, payload):
-        """Queue a job for `body.model` and wait until it has started; returns (job, start time)."""
+    async def start(self, job_kind: str, endpoint: str, body, payload, request=None):
+        """Queue a job for `body.model` and wait until it has started; returns (job, start time). With the
+        `request`, a client that goes away cancels its job (see `next_event`)."""
         engine, started, label = self.engine, time.perf_counter(), body.model
         try:
             if body.unsupported():
@@ -62,7 +64,7 @@ class Dispatch:
                                     "matching endpoint.", "invalid_request_error", "wrong_endpoint")
             adapter = engine.adapter_of(body.model)
             job = engine.submit(job_kind, adapter, payload(adapter))
-            kind, value = await job.events.get()
+            kind, value = await next_event(job, request)
             if kind == "error":
                 raise value
             return job, started
@@ -73,10 +75,14 @@ class Dispatch:
             self.metrics.observe(label, endpoint, api.status, started)
             raise api from None
 
-    async def finish(self, job, endpoint: str, model: str, started: float):
+    async def finish(self, job, endpoint: str, model: str, started: float, request=None):
         """Wait for the job's result, skipping stream deltas."""
         while True:
-            kind, value = await job.events.get()
+            try:
+                kind, value = await next_event(job, request)
+            except ApiError as err:  # the client went away
+                self.metrics.observe(model, endpoint, err.status, started)
+                raise
             if kind == "done":
                 self.metrics.observe(model, endpoint, 200, started)
                 return value
@@ -84,3 +90,25 @@ class Dispatch:
                 api = api_error(value)
                 self.metrics.observe(model, endpoint, api.status, started)
                 raise api
+
+
+DISCONNECT_POLL_S = 0.2
+
+
+async def next_event(job, request=None):
+    """The job's next event; if the client of `request` disconnects first, the job is cancelled (its
+    rows stop at the next step, or it never runs) and a 499 is raised: otherwise a long generation
+    nobody waits for would hold the batch, and every other request behind it."""
+    if request is None:
+        return await job.events.get()
+    event = asyncio.ensure_future(job.events.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({event}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return event.result()
+            if await request.is_disconnected():
+                job.cancelled = True
+                raise ApiError(499, "The client closed the request.", "client_closed_request")
+    finally:
+        event.cancel()

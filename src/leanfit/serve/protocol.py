@@ -3,7 +3,8 @@
 Field names, defaults and shapes follow the OpenAI API reference, so the official `openai` client
 (and anything built on it) works unchanged. Options the server cannot honour (logprobs, echo, penalties,
 logit_bias, best_of, suffix) are refused with a 400 rather than silently ignored; other unknown fields
-are ignored, as OpenAI does for forward compatibility.
+are ignored, as OpenAI does for forward compatibility. Tools, response formats and logprobs are
+refused likewise.
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ class _Request(BaseModel):
     def unsupported(self) -> list[str]:
         """Names of options set to something the server does not implement."""
         extra = self.model_extra or {}
-        return [name for name, ok in UNSUPPORTED.items() if name in extra and extra[name] not in ok]
+        return [name for name, ok in UNSUPPORTED.items() if name in extra and not _means_unused(extra[name], ok)]
 
 
 # Options the server does not implement, and the values that mean "not used".
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
                "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+               "tool_choice": (None, "none"), "function_call": (None, "none"),
+               "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+
+
+def _means_unused(value, unused: tuple) -> bool:
+    # False must be False itself: a completion's logprobs=0 asks for the chosen tokens' logprobs
+    return any(value is u if u is None or isinstance(u, bool) else value == u and not isinstance(value, bool)
+               for u in unused)
 
 
 TokenIds = list[int]
@@ -60,6 +68,10 @@ class EmbeddingRequest(_Request):
         return list(value)
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class _Sampling(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -67,8 +79,9 @@ class _Sampling(_Request):
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)  # what torch's generators take
     user: str | None = None
+    stream_options: StreamOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -83,6 +96,13 @@ class _Sampling(_Request):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], TokenIds, list[TokenIds]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must be a non-empty string or list")
+        return value
 
     def prompts(self) -> list:
         value = self.prompt
@@ -106,14 +126,9 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stream_options: StreamOptions | None = None
 
     def chat(self) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]

@@ -10,7 +10,7 @@ import base64
 import json
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import ConfigError
@@ -23,16 +23,16 @@ def inference_routes(dispatch: Dispatch, dependencies=()) -> APIRouter:
     router = APIRouter(dependencies=list(dependencies))
 
     @router.post("/v1/embeddings")
-    async def embeddings(body: p.EmbeddingRequest) -> p.EmbeddingResponse:
+    async def embeddings(body: p.EmbeddingRequest, request: Request) -> p.EmbeddingResponse:
         def check(_adapter):
             size = getattr(engine.model.config, "hidden_size", None)
             if body.dimensions is not None and size and body.dimensions > size:  # OpenAI refuses it too
                 raise ConfigError(f"dimensions {body.dimensions} is more than the {size} this model's embeddings have; "
                                   f"ask for at most {size}, or leave it out.")
-            return engine.check_rows(body.rows())
+            return engine.embedding_rows(body.rows())
 
-        job, started = await dispatch.start("embed", "embeddings", body, check)
-        result = await dispatch.finish(job, "embeddings", body.model, started)
+        job, started = await dispatch.start("embed", "embeddings", body, check, request)
+        result = await dispatch.finish(job, "embeddings", body.model, started, request)
         data = []
         for i, vector in enumerate(result["vectors"]):
             if body.dimensions is not None and body.dimensions < len(vector):
@@ -45,28 +45,31 @@ def inference_routes(dispatch: Dispatch, dependencies=()) -> APIRouter:
         return p.EmbeddingResponse(data=data, model=body.model, usage=usage)
 
     @router.post("/v1/completions")
-    async def completions(body: p.CompletionRequest):
+    async def completions(body: p.CompletionRequest, request: Request):
         def params(_adapter):
             rows = [engine.tokenizer(x)["input_ids"] if isinstance(x, str) else list(x) for x in body.prompts()]
             return engine.generation_params([r for r in rows for _ in range(body.n)], body.max_tokens or 16,
-                                            body.temperature, body.top_p, body.stop_list(), body.seed)
-        return await respond(body, "completions", params, chat=False)
+                                            body.temperature, body.top_p, body.stop_list(), body.seed, body.n)
+        return await respond(body, "completions", params, request, chat=False)
 
     @router.post("/v1/chat/completions")
-    async def chat_completions(body: p.ChatCompletionRequest):
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request):
         def params(_adapter):
+            if not getattr(engine.tokenizer, "chat_template", None):
+                raise ConfigError(f"Model '{engine.model_name}' has no chat template to turn messages into a prompt; "
+                                  "send a prompt to /v1/completions instead.")
             text = engine.tokenizer.apply_chat_template(body.chat(), tokenize=False, add_generation_prompt=True)
             ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
             return engine.generation_params([ids] * body.n, body.max_completion_tokens or body.max_tokens,
-                                            body.temperature, body.top_p, body.stop_list(), body.seed)
-        return await respond(body, "chat_completions", params, chat=True)
+                                            body.temperature, body.top_p, body.stop_list(), body.seed, body.n)
+        return await respond(body, "chat_completions", params, request, chat=True)
 
-    async def respond(body, endpoint: str, params, chat: bool):
-        job, started = await dispatch.start("generate", endpoint, body, params)
+    async def respond(body, endpoint: str, params, request: Request, chat: bool):
+        job, started = await dispatch.start("generate", endpoint, body, params, request)
         if body.stream:
             return StreamingResponse(_sse(job, body, endpoint, chat, dispatch, started),
                                      media_type="text/event-stream")
-        result = await dispatch.finish(job, endpoint, body.model, started)
+        result = await dispatch.finish(job, endpoint, body.model, started, request)
         usage = p.Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
                         total_tokens=result["prompt_tokens"] + result["completion_tokens"])
         if chat:
