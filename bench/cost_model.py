@@ -64,6 +64,7 @@ def worker(case: dict, out: str, threads: int) -> None:
     import leanfit.tune as tune
     from leanfit import core
     from leanfit.memory import peak_rss_bytes
+    from leanfit.run_folder import clear, earlier_run
     seen = {}
 
     class TimedTrainer(tune.Trainer):
@@ -81,6 +82,7 @@ def worker(case: dict, out: str, threads: int) -> None:
 
     tune.Trainer = TimedTrainer
     config = tune.TuneConfig(**case, output=str(Path(out).parent / "run"), progress=False)
+    clear(config.output, earlier_run(config.output))  # every case measures a fresh run in the same folder
     report = tune.run(config)
     trainer = seen["trainer"]
     result = {"trainable_params": report["trainable_params"], "adapter_bytes": report.get("adapter_bytes"),

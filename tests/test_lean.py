@@ -7,6 +7,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 import leanfit as lf
 from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, TensorSplits
+from leanfit.errors import ConfigError
 from leanfit.train import Trainer
 from leanfit.train.layers import LISA, below_top_k, lowest_trainable_block, transformer_blocks
 from leanfit.train.prefix_cache import PrefixCache
@@ -163,6 +164,22 @@ def test_lisa_run_is_resumable_and_changes_only_sampled_layers(tmp_path):
     moved = {n.split(".layer.")[1].split(".")[0] for n, p in base.named_parameters()
              if n in before and ".layer." in n and not torch.equal(p, before[n])}
     assert len(moved) == 1
+
+
+def test_lisa_leaves_every_trained_parameter_trainable_after_fit():
+    base = adapted(tiny_bert, top_k=4)
+    before = [n for n, p in base.named_parameters() if p.requires_grad]
+    Trainer(base, splits(CLASSIFICATION), epochs=1, batch_size=8, progress=False, lisa_layers=1, lisa_period=2).fit()
+    assert [n for n, p in base.named_parameters() if p.requires_grad] == before  # a second fit trains them all
+
+
+def test_a_model_whose_head_or_positions_do_not_fit_the_data_is_refused_before_training():
+    from dataclasses import replace
+    five = replace(splits(CLASSIFICATION), labels=["a", "b", "c", "d", "e"])
+    with pytest.raises(ConfigError, match="head has 3 outputs .* data has 5 labels; load the model with num_labels=5"):
+        Trainer(adapted(tiny_bert), five, epochs=1, progress=False).fit()  # was an IndexError in the loss
+    with pytest.raises(ConfigError, match="rows are 80 tokens long but the model reads at most 64"):
+        Trainer(adapted(tiny_bert), splits(CLASSIFICATION, seq=80), epochs=1, progress=False).fit()
 
 
 def test_gradient_checkpointing_gives_the_same_losses():

@@ -321,3 +321,80 @@ def test_training_a_merged_adapter_is_refused():
     lf.merge(model, "default")
     with pytest.raises(ConfigError, match="'default' is merged into the base weights"):
         Trainer(model, classification_data(), epochs=1, **FAST).fit()
+
+
+# -- found by a black-box review of the Python API ---------------------------------------------------
+
+def test_grad_accum_weighs_a_short_last_micro_batch_by_its_rows():
+    # 30 rows: batch 4 x 2 ends an epoch on micro-batches of 4 and 2, which must count as 6 rows, not 2 x 3
+    data = classification_data(n_train=30)
+    run = dict(epochs=1, lr=1e-2, progress=False, max_grad_norm=None, warmup_ratio=0.0, schedule="constant")
+    one, two = classifier(dropout=0.0), classifier(dropout=0.0)
+    Trainer(one, data, batch_size=8, **run).fit()
+    Trainer(two, data, batch_size=4, grad_accum=2, **run).fit()
+    for (name, a), b in zip(one.named_parameters(), two.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_resume_takes_this_runs_lr_and_weight_decay(tmp_path):
+    run = dict(epochs=2, checkpoint_every=2, checkpoint_dir=tmp_path, schedule="constant", warmup_ratio=0.0, **FAST)
+    with pytest.raises(Crash):
+        Trainer(classifier(), classification_data(), on_step=crash_at(3), **run).fit()
+    seen = []
+    resumed = Trainer(classifier(), classification_data(), **{**run, "lr": 1e-4, "weight_decay": 0.5},
+                      resume=True, on_step=lambda t, s: seen.append(t.optimizer.param_groups[0]["lr"]))
+    resumed.fit()  # the advice after a divergence: lower lr and resume
+    assert seen and all(lr == pytest.approx(1e-4) for lr in seen)
+    assert resumed.optimizer.param_groups[0]["weight_decay"] == 0.5
+
+
+def test_early_stopping_at_equal_accuracy_keeps_the_lower_loss(tmp_path):
+    trainer = Trainer(classifier(), classification_data(), early_stopping_patience=1, **FAST)
+    trainer._prepare()
+    trainer.evaluate = lambda split: {"accuracy": 0.5, "loss": 1.6}
+    trainer._validate()
+    trainer.evaluate = lambda split: {"accuracy": 0.5, "loss": 0.8}
+    assert trainer._validate()  # a plateau of accuracy while the loss falls is an improvement
+    assert trainer.state.best == {"accuracy": 0.5, "loss": 0.8}
+
+
+def test_a_fresh_run_never_writes_over_an_earlier_runs_checkpoints_or_metrics(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    Trainer(classifier(), classification_data(), epochs=1, checkpoint_dir=tmp_path / "ck", metrics_path=metrics,
+            **FAST).fit()
+    kept = (sorted(p.name for p in (tmp_path / "ck").iterdir()), metrics.read_text())
+    with pytest.raises(ConfigError, match="holds an earlier run's checkpoints .*pass resume=True"):
+        Trainer(classifier(), classification_data(), epochs=2, checkpoint_dir=tmp_path / "ck", **FAST).fit()
+    with pytest.raises(ConfigError, match="metrics_path .* holds an earlier run's metrics"):
+        Trainer(classifier(), classification_data(), epochs=2, metrics_path=metrics, **FAST).fit()
+    with pytest.raises(ConfigError, match=r"fresh run \(resume found no checkpoint in"):  # a mistyped folder
+        Trainer(classifier(), classification_data(), epochs=2, checkpoint_dir=tmp_path / "typo", resume=True,
+                metrics_path=metrics, **FAST).fit()
+    assert (sorted(p.name for p in (tmp_path / "ck").iterdir()), metrics.read_text()) == kept
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="checkpoint_dir .* is a file"):  # before an epoch, not at its end
+        Trainer(classifier(), classification_data(), checkpoint_dir=tmp_path / "file", **FAST).fit()
+
+
+def test_a_resume_onto_another_base_is_refused(tmp_path):
+    def frozen_embedding(shift=0.0):  # the base: a frozen embedding; the head trains
+        model = classifier()
+        with torch.no_grad():
+            model.embed.weight.add_(shift)
+        model.embed.weight.requires_grad_(False)
+        return model
+
+    run = dict(epochs=2, checkpoint_every=2, checkpoint_dir=tmp_path, **FAST)
+    with pytest.raises(Crash):
+        Trainer(frozen_embedding(), classification_data(), on_step=crash_at(3), **run).fit()
+    with pytest.raises(ConfigError, match="another base model"):  # same shapes, other weights
+        Trainer(frozen_embedding(0.1), classification_data(), resume=True, **run).fit()
+    Trainer(frozen_embedding(), classification_data(), resume=True, **run).fit()  # its own base resumes
+
+
+def test_on_step_at_an_epoch_end_comes_after_its_checkpoint(tmp_path):
+    seen = {}
+    Trainer(classifier(), classification_data(), epochs=1, checkpoint_dir=tmp_path,
+            on_step=lambda t, s: seen.setdefault(s, t.last_checkpoint), **FAST).fit()
+    last = max(seen)
+    assert seen[last] is not None and seen[last].name.endswith(str(last))

@@ -1,9 +1,10 @@
 """A tune run's output folder: what an earlier run left there, and what a new run may do with it.
 
-A fresh run empties metrics.jsonl at its start and replaces checkpoints as it goes, so starting one
-over a finished run would lose that run at the first failure or kill. `leanfit tune` therefore
-resumes the earlier run (--resume), replaces it whole (--overwrite), or refuses; `leanfit search`
-refuses a tune run's folder, whose report its own would replace.
+A fresh run would empty metrics.jsonl at its start and replace checkpoints as it goes, losing an
+earlier run at the first failure or kill (the Trainer refuses to start so). `leanfit tune` resumes
+the earlier run (--resume), replaces it whole (--overwrite), or refuses, in the command line's
+words; `leanfit search` refuses a tune run's folder, whose report its own would replace, and clears
+its own trials' folders of an earlier study's leftovers.
 """
 
 from __future__ import annotations

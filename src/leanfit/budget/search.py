@@ -54,8 +54,12 @@ DESIGN, MODEL = "design", "model"  # `proposed_by` of a trial queued by the init
 
 
 def train_and_validate(config) -> dict:
-    """Train one configuration through `leanfit.tune.run`; its validation metrics after the last epoch."""
+    """Train one configuration through `leanfit.tune.run`; its validation metrics after the last epoch.
+    Whatever an earlier study left in the trial's folder is deleted first (trials are never resumed,
+    and the trainer refuses to start over an earlier run's metrics)."""
+    from ..run_folder import clear, earlier_run
     from ..tune import run
+    clear(config.output, earlier_run(config.output))
     report = run(config)
     output = Path(config.output)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]

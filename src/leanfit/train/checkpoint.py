@@ -107,9 +107,12 @@ def data_fingerprint(split: dict[str, torch.Tensor]) -> str:
 
 
 def check_resumable(path: Path, weights: dict, state: dict, trainable: dict[str, tuple], config: dict,
-                    data: str | None = None) -> None:
-    """Refuse a checkpoint of other parameters (names or shapes, given in `trainable`), or one whose
-    batches would not line up with this run."""
+                    data: str | None = None, base: str | None = None) -> None:
+    """Refuse a checkpoint of other parameters (names or shapes, given in `trainable`), of another
+    base model (`base`: the frozen weights' fingerprint), or one whose batches would not line up."""
+    if base is not None and state.get("base", base) != base:  # checkpoints before 2026-12-08 hold none
+        raise ConfigError(f"checkpoint {path} was written while training on another base model (its frozen weights "
+                          "differ); resume with the model it was trained on, or start afresh without resume.")
     if data is not None and state.get("data", data) != data:  # checkpoints before 2026-12-07 hold no digest
         raise ConfigError(
             f"checkpoint {path} was written while training on other rows (another data set, subset, label set or "

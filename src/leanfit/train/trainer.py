@@ -128,6 +128,41 @@ def config_with(config: TrainConfig | None, overrides: dict) -> TrainConfig:
     return replace(config or TrainConfig(), **overrides)
 
 
+def _check_folders(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, if any; refuses folders a fresh run would write over (an earlier
+    run's checkpoints are pruned and its metrics truncated) and paths of the wrong kind, before training."""
+    for path, kind in ((cfg.checkpoint_dir, "checkpoint_dir"), (cfg.metrics_path, "metrics_path")):
+        if path is not None and Path(path).exists() and Path(path).is_dir() != (kind == "checkpoint_dir"):
+            raise ConfigError(f"{kind} '{path}' is a {'file' if kind == 'checkpoint_dir' else 'folder'}; give a "
+                              f"{'folder' if kind == 'checkpoint_dir' else 'file path'}.")
+    found = latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+    if found is not None and not cfg.resume:
+        raise ConfigError(f"checkpoint_dir '{cfg.checkpoint_dir}' holds an earlier run's checkpoints (the latest is "
+                          f"{found.name}); pass resume=True to go on from it, or give another checkpoint_dir.")
+    metrics = Path(cfg.metrics_path) if cfg.metrics_path is not None else None
+    if found is None and metrics is not None and metrics.is_file() and metrics.stat().st_size > 0:
+        why = f" (resume found no checkpoint in '{cfg.checkpoint_dir}')" if cfg.resume else ""
+        raise ConfigError(f"metrics_path '{metrics}' holds an earlier run's metrics, which a fresh run{why} would "
+                          "replace; give another metrics_path or delete that file.")
+    return found if cfg.resume else None
+
+
+def _check_model_reads_data(model: torch.nn.Module, data: TensorSplits) -> None:
+    """A Hugging Face model's head and positions against the data, before the first step fails inside
+    the model (an IndexError of a target out of bounds, a tensor size mismatch)."""
+    from leanfit.core.model import task_heads
+    config = getattr(model, "config", None)
+    heads, positions = getattr(config, "num_labels", None), getattr(config, "max_position_embeddings", None)
+    if data.task == CLASSIFICATION and data.labels and isinstance(heads, int) and task_heads(model) \
+            and heads < len(data.labels):
+        raise ConfigError(f"The model's head has {heads} outputs (num_labels) but the data has {len(data.labels)} "
+                          f"labels; load the model with num_labels={len(data.labels)}.")
+    ids = data.train.get("input_ids")
+    if isinstance(positions, int) and ids is not None and ids.dim() == 2 and ids.shape[1] > positions:
+        raise ConfigError(f"The data's rows are {ids.shape[1]} tokens long but the model reads at most {positions} "
+                          f"positions; encode with max_length={positions} or less.")
+
+
 def _refuse_merged_training(model: torch.nn.Module) -> None:
     """A merged adapter is skipped in forward (its update is in the weights), so its parameters get
     no gradient: training it would run and change nothing."""
@@ -194,10 +229,10 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train to the end (or an early stop); with resume=True, go on from the latest checkpoint."""
         cfg, start = self.config, time.perf_counter()
+        resume_from = _check_folders(cfg)
         if self.optimizer is None:
             self._prepare()
         torch.manual_seed(cfg.seed)
-        resume_from = latest_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if resume_from is not None:
             self._restore(resume_from)
         self._metrics = MetricsLog(cfg.metrics_path if distributed.is_main() else None,
@@ -212,7 +247,11 @@ class Trainer:
                 if st.batch_in_epoch < self.batches_per_epoch:
                     break  # max_steps reached inside the epoch
                 self._end_epoch()
+                if self.on_step is not None:
+                    self.on_step(self, st.step)
         self.mixed.release()  # the bfloat16 weight copies serve training steps only
+        for _, p in self.trainable:  # LISA leaves the blocks of its last period alone trainable
+            p.requires_grad_(True)
         if self.has_validation and not any(r["kind"] == "validation" and r["step"] == st.step for r in st.history):
             self._validate()
         if self._saved_step != st.step:
@@ -235,6 +274,7 @@ class Trainer:
         if not self.trainable:
             raise ConfigError("no model parameter requires grad; add an adapter or unfreeze some parameters.")
         _refuse_merged_training(self.model)
+        _check_model_reads_data(self.model, self.data)
         if self.total_steps == 0:
             raise DataError("the train split has no rows; give the trainer some training data.")
         if cfg.early_stopping_patience and not self.has_validation:
@@ -271,7 +311,7 @@ class Trainer:
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and not at_epoch_end:
                 self._save()
             bar.update(st.step, st.epoch, loss, lr)
-            if self.on_step is not None:
+            if self.on_step is not None and not at_epoch_end:  # else after the epoch's validation and checkpoint
                 self.on_step(self, st.step)
 
     def _optimizer_step(self, group: tuple[torch.Tensor, ...]) -> tuple[float, float]:
@@ -279,21 +319,24 @@ class Trainer:
         total = 0.0
         self.policy.before_step(self.state.step)
         lm = self.task != CLASSIFICATION
+        # each micro-batch weighs by what it predicts (rows or tokens), so an epoch's short last one
+        # counts as its rows do, and grad_accum=2 at batch 4 equals batch 8
+        predicted = [distributed.predicted({"labels": self.data.train["labels"][index]}, lm) for index in group]
+        whole = max(sum(predicted), 1)
         with self.mixed.step():
-            for index in group:
+            for index, everyone in zip(group, predicted):
                 local = distributed.shard(index)  # all rows when not distributed
                 self.policy.before_forward("train", local)
                 mine = batch_at(self.data.train, local, self.device)
                 # Weight this process's mean loss by its share, so averaged gradients equal one process's.
-                everyone = distributed.predicted({"labels": self.data.train["labels"][index]}, lm)
                 share = distributed.predicted(mine, lm) * self.world / max(everyone, 1)
                 with self.mixed.forward():
                     loss = self.model(**mine).loss
                 value = distributed.global_sum(loss.item() * share / self.world, self.device)
                 if not math.isfinite(value):
                     self._diverged("the loss", value)
-                (loss * share / len(group)).backward()
-                total += value / len(group)
+                (loss * share * (everyone / whole)).backward()
+                total += value * everyone / whole
         distributed.average_gradients([p for _, p in self.trainable])
         for controller in self.controllers:
             controller.after_backward(self.state.step)
@@ -323,8 +366,10 @@ class Trainer:
         values = self.evaluate("validation")
         self._record("validation", values)
         st, key = self.state, self.monitor
+        # at equal accuracy a lower loss is better: a plateau of accuracy must not keep an early, worse model
         improved = st.best is None or (
-            values[key] > st.best[key] if key == "accuracy" else values[key] < st.best[key])
+            (values[key], -values["loss"]) > (st.best[key], -st.best["loss"]) if key == "accuracy"
+            else values[key] < st.best[key])
         if improved:
             st.best = values
             if self.config.early_stopping_patience:
@@ -361,10 +406,18 @@ class Trainer:
             "config": {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
                        for k, v in asdict(self.config).items()},
             "data": self._data_fingerprint,
+            "base": self._base_fingerprint,
         }
         self.last_checkpoint = save_checkpoint(self.config.checkpoint_dir, self.state.step,
                                                dict(self.trainable), state, self._best_weights)
         self._saved_step = self.state.step
+
+    @cached_property
+    def _base_fingerprint(self) -> str:
+        """The frozen weights' digest, once a run: resumed onto another base, the adapter would go on
+        training against weights it never saw (same shapes, other values: nothing else tells)."""
+        from leanfit.core.fingerprint import fingerprint
+        return fingerprint(self.model, tuple(n for n, _ in self.trainable))
 
     @cached_property
     def _data_fingerprint(self) -> str:  # once a run: hashing the rows at every checkpoint would cost a pass
@@ -373,17 +426,27 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         weights, best, state = load_checkpoint(path)
         check_resumable(path, weights, state, {n: tuple(p.shape) for n, p in self.trainable}, asdict(self.config),
-                        self._data_fingerprint)
+                        self._data_fingerprint, self._base_fingerprint)
         self._load_weights(weights)
         self._best_weights = {n: t.to(self.device) for n, t in best.items()} or None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_rates()
         restore_rng(state["rng"])
         for controller, saved in zip(self.controllers, state.get("controllers", [])):
             if saved is not None:
                 controller.load_state_dict(saved)
         self.state = LoopState(**state["loop"])
         self.last_checkpoint, self._saved_step = path, self.state.step
+
+    def _apply_rates(self) -> None:
+        """This run's lr and weight_decay over the restored optimizer and schedule (the checkpoint holds the
+        earlier ones): a run that diverged is resumed with a lower lr, as its error message says."""
+        cfg, scheduler = self.config, self.scheduler
+        scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        for group, multiplier in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group.update(initial_lr=cfg.lr, lr=cfg.lr * multiplier(scheduler.last_epoch),
+                         weight_decay=cfg.weight_decay)
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
