@@ -180,6 +180,14 @@ def test_a_model_whose_head_or_positions_do_not_fit_the_data_is_refused_before_t
         Trainer(adapted(tiny_bert), five, epochs=1, progress=False).fit()  # was an IndexError in the loss
     with pytest.raises(ConfigError, match="rows are 80 tokens long but the model reads at most 64"):
         Trainer(adapted(tiny_bert), splits(CLASSIFICATION, seq=80), epochs=1, progress=False).fit()
+    from transformers import LlamaForSequenceClassification
+    torch.manual_seed(0)
+    decoder = LlamaForSequenceClassification(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=2, num_attention_heads=2,
+                                                         num_key_value_heads=2, num_labels=3))
+    lf.adapt(decoder, lf.LoRA(rank=2))
+    with pytest.raises(ConfigError, match="no pad_token_id, which its classification head needs"):
+        Trainer(decoder, splits(CLASSIFICATION), epochs=1, progress=False).fit()  # was transformers' ValueError
 
 
 def test_gradient_checkpointing_gives_the_same_losses():

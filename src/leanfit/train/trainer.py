@@ -157,6 +157,11 @@ def _check_model_reads_data(model: torch.nn.Module, data: TensorSplits) -> None:
             and heads < len(data.labels):
         raise ConfigError(f"The model's head has {heads} outputs (num_labels) but the data has {len(data.labels)} "
                           f"labels; load the model with num_labels={len(data.labels)}.")
+    if data.task == CLASSIFICATION and task_heads(model) == ["score"] and getattr(config, "pad_token_id", 0) is None:
+        # a decoder's classifier reads each row's last real token, found through the pad id
+        raise ConfigError("The model's config has no pad_token_id, which its classification head needs to find each "
+                          "row's last token; set model.config.pad_token_id = tokenizer.pad_token_id (encode gives a "
+                          "tokenizer without one its EOS).")
     ids = data.train.get("input_ids")
     if isinstance(positions, int) and ids is not None and ids.dim() == 2 and ids.shape[1] > positions:
         raise ConfigError(f"The data's rows are {ids.shape[1]} tokens long but the model reads at most {positions} "
