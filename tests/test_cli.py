@@ -134,6 +134,18 @@ def _write_csv(path, rows):
 
 
 @pytest.mark.integration
+def test_eval_scores_the_test_rows_of_the_seed_the_adapter_was_trained_with(tmp_path):
+    words = {"sport": "match goal team win score league", "money": "bank market shares profit price trade"}
+    _write_csv(tmp_path / "mine.csv", [(f"{words[t]} {i} " * 3, t) for i in range(30) for t in words])
+    out = tmp_path / "run"
+    leanfit("tune", "--data", tmp_path / "mine.csv", "--text-column", "body", "--label-column", "topic", "--seed", 3,
+            "--epochs", "1", "--max-length", "32", "--batch-size", "8", "--output", out, "--no-progress")
+    report = json.loads((out / "report.json").read_text())
+    evaluated = json.loads(leanfit("eval", out / "adapter", "--data", tmp_path / "mine.csv").stdout)
+    assert evaluated["loss"] == pytest.approx(report["test"]["loss"], rel=1e-5)  # seed 0 scored other rows, some trained on
+
+
+@pytest.mark.integration
 def test_tune_eval_info_export_on_user_csv(tmp_path):
     words = {"sport": "match goal team win score league", "money": "bank market shares profit price trade"}
     rows = [(f"{words[t]} {i} " * 3, t) for i in range(30) for t in words]

@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("adapter", help="adapter directory written by `leanfit tune`")
     e.add_argument("--data", help="data set (default: the one it was trained on)")
     e.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=None,
+                   help="seed of the data splits (default: the one the adapter was trained with, so its test rows "
+                        "are the test rows)")
     e.add_argument("--max-rows", type=_positive, metavar="N", help="evaluate the first N rows of the split only")
     e.add_argument("--text-column", dest="text_column", help="text column of --data (default: the training data's)")
     e.add_argument("--label-column", dest="label_column", help="label column of --data (default: the training data's)")
@@ -106,9 +108,10 @@ def _eval(args) -> int:
     from .data.splits import IMAGE_CLASSIFICATION, rows
     from .train import Trainer
     from .tune import TuneConfig, load_data
-    model, tokenizer, manifest = _load_adapted(args.adapter, args.seed)
+    model, tokenizer, manifest = _load_adapted(args.adapter)
     extra = manifest["extra"]
-    config = TuneConfig(data=args.data or extra["data"], seed=args.seed, task=extra["task"],
+    seed = args.seed if args.seed is not None else extra.get("seed", 0)  # another seed splits other rows off as test
+    config = TuneConfig(data=args.data or extra["data"], seed=seed, task=extra["task"],
                         text_column=args.text_column or extra.get("text_column", "text"),
                         label_column=args.label_column or extra.get("label_column", "label"))
     dataset = load_data(config)

@@ -387,7 +387,8 @@ def run(config: TuneConfig) -> dict:
     if config.method not in BASELINES:
         report["per_rank"] = _per_rank(model, trainer, config)
         extra = {k: report[k] for k in ("model", "data", "task", "max_length", "test")}
-        extra.update(labels=dataset.labels, text_column=config.text_column, label_column=config.label_column)
+        extra.update(labels=dataset.labels, text_column=config.text_column, label_column=config.label_column,
+                     seed=config.seed)  # the splits' seed: eval scores the same test rows
         core.save(model, output / "adapter", name=config.name, extra=extra)
         report["adapter"] = str(output / "adapter")
         report["adapter_bytes"] = (output / "adapter" / "adapter.safetensors").stat().st_size
