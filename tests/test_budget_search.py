@@ -198,6 +198,10 @@ def test_search_writes_front_report_and_a_best_config_inside_the_budget(tiny, tm
     assert sum(t.user_attrs.get("status") in ("trained", "failed") for t in again) == 7
     assert all(again[n].datetime_start == started for n, started in first.items())
     one_sentence(capsys, search_args(tiny, out, 7, "params=3%"), "was started with another budget", "--study-name")
+    trials = sorted(p.name for p in (out / "trials").iterdir())
+    one_sentence(capsys, [*search_args(tiny, out, 7, "params=3%"), "--study-name", "other"],  # its trials, r0-0000 ...
+                 "holds the search study 'search', whose trials and report study 'other' would replace")
+    assert sorted(p.name for p in (out / "trials").iterdir()) == trials
 
     # the saved best configuration retrains through `leanfit tune --config`
     assert run_cli(["tune", "--config", out / "best.json", "--output", tmp_path / "retrain", "--no-progress"]) == 0

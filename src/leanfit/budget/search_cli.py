@@ -121,6 +121,23 @@ def _int(text: str, option: str) -> int:
         raise ConfigError(f"{option} takes whole numbers, got '{text}'.") from None
 
 
+def _other_study(settings) -> str | None:
+    """The name of another search study whose trials and report lie in the output folder, if any."""
+    import json
+    from .study import RATES_SUFFIX
+    output = Path(settings.output)
+    names = []
+    try:
+        names.append(json.loads((output / "search.json").read_text())["settings"]["study_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no finished search here (or an unreadable one): the study database says
+    if (output / "study.db").is_file() and settings.storage is None:
+        import optuna
+        names += optuna.study.get_all_study_names(storage=settings.storage_url())
+    main = [n for n in names if "/rung" not in n and not n.endswith(RATES_SUFFIX)]
+    return next((n for n in main if n != settings.study_name), None)
+
+
 def _search(args) -> int:
     from ..run_folder import earlier_run
     from .search import search
@@ -129,6 +146,11 @@ def _search(args) -> int:
     if tuned:
         raise ConfigError(f"The output folder '{settings.output}' holds a `leanfit tune` run ({', '.join(tuned)}), "
                           "whose report the search would replace; pass another --output.")
+    other = _other_study(settings)
+    if other:
+        raise ConfigError(f"The output folder '{settings.output}' holds the search study '{other}', whose trials and "
+                          f"report study '{settings.study_name}' would replace; pass another --output, or "
+                          f"--study-name {other} to resume it.")
     result = search(settings)
     output = Path(settings.output)
     n = result.counts
