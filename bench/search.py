@@ -166,6 +166,14 @@ def reference_run(data: str, task: dict) -> dict:
             "split_sizes": report["split_sizes"], "wall_s": report["wall_s"], "source": "trained in this run"}
 
 
+def test_metrics(adapter: str) -> dict:
+    """`leanfit eval` of a saved adapter on its test split (the seed it was trained with)."""
+    import subprocess
+    proc = subprocess.run([sys.executable, "-m", "leanfit.cli", "eval", adapter], capture_output=True, text=True,
+                          check=True)
+    return json.loads(proc.stdout)
+
+
 def reference_lora() -> dict | None:
     """The foundation issue's LoRA r=8 run (results.json): the reference of runs before 2026-11-25."""
     path = OUT / "results.json"
@@ -200,6 +208,8 @@ def bench_task(data: str, task: dict, memo: Memo) -> dict:
         result, elapsed = run_study(data, task, "tpe", task["seeds"][0], memo, finalists=task["finalists"])
         best = result.best
         report = json.loads((Path(best["output"]) / "report.json").read_text()) if best and best.get("output") else {}
+        if report.get("adapter"):  # the search never reads the test split: the chosen adapter's, read once here
+            report["test"] = test_metrics(report["adapter"])
         out["best"] = {"name": best["name"] if best else None, "rung": best["rung"] if best else None,
                        "validation_accuracy": best["score"] if best else None,
                        "trainable_share": best["cost"]["trainable_share"] if best else None,

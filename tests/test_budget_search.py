@@ -170,6 +170,8 @@ def test_search_writes_front_report_and_a_best_config_inside_the_budget(tiny, tm
     for row in csv.DictReader(open(out / "trials.csv")):
         folder = out / "trials" / f"r{row['rung']}-{int(row['trial']):04d}"
         assert folder.exists() == (row["status"] == "trained")  # over budget: priced, never trained
+        if folder.exists():  # chosen on validation: the test split is never read
+            assert json.loads((folder / "report.json").read_text())["test"] is None
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Pareto front" in (out / "report.md").read_text()
     # TPE compares configurations at the top rate; the full run's best then steps down the rate grid

@@ -320,8 +320,9 @@ def method_options(method: str, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in valid}
 
 
-def run(config: TuneConfig) -> dict:
-    """Run the job; returns the report (also written to `<output>/report.json` and `.md`)."""
+def run(config: TuneConfig, evaluate_test: bool = True) -> dict:
+    """Run the job; returns the report (also written to `<output>/report.json` and `.md`).
+    `evaluate_test=False` (a search's trials) never reads the test split: the report's test is None."""
     started = time.perf_counter()
     config.options = method_options(config.method, config.options)
     dataset = load_data(config)
@@ -356,12 +357,12 @@ def run(config: TuneConfig) -> dict:
                       lisa_layers=config.lisa_layers, lisa_period=config.lisa_period,
                       gradient_checkpointing=config.gradient_checkpointing, block_dropout=config.block_dropout,
                       precision=config.precision)
-    before = trainer.evaluate("test") if dataset.task == CAUSAL_LM else None
+    before = trainer.evaluate("test") if dataset.task == CAUSAL_LM and evaluate_test else None
     if config.method not in BASELINES and not config.resume:
         first = {k: v[: config.batch_size] for k, v in tensors.train.items()}
         core.calibrate(model, first, config.name)  # LoRA-SB's gradient init; a no-op for others
     fit = trainer.fit()
-    test = trainer.evaluate("test")
+    test = trainer.evaluate("test") if evaluate_test else None
     # What training optimised (LISA ends with only its last period's blocks trainable), out of every
     # value of the model (an int8 base holds its weights as buffers, not parameters).
     trainable = sum(p.numel() for _, p in trainer.trainable)
@@ -385,7 +386,7 @@ def run(config: TuneConfig) -> dict:
     if not distributed.is_main():  # rank 0 writes the adapter and the report
         return report
     if config.method not in BASELINES:
-        report["per_rank"] = _per_rank(model, trainer, config)
+        report["per_rank"] = _per_rank(model, trainer, config) if evaluate_test else None
         extra = {k: report[k] for k in ("model", "data", "task", "max_length", "test")}
         extra.update(labels=dataset.labels, text_column=config.text_column, label_column=config.label_column,
                      seed=config.seed)  # the splits' seed: eval scores the same test rows
@@ -427,6 +428,9 @@ def write_report(report: dict, output: Path) -> None:
 
 def headline(report: dict) -> str:
     test = report["test"]
+    if test is None:
+        return (f"test split not evaluated (a search trial), trainable parameters {report['trainable_params']:,} "
+                f"({100 * report['trainable_share']:.3f}%), wall time {report['wall_s']:.0f} s")
     score = (f"test accuracy {100 * test['accuracy']:.2f}%" if "accuracy" in test
              else f"test perplexity {test['perplexity']:.2f}")
     if report.get("test_before"):

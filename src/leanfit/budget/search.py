@@ -60,7 +60,7 @@ def train_and_validate(config) -> dict:
     from ..run_folder import clear, earlier_run
     from ..tune import run
     clear(config.output, earlier_run(config.output))
-    report = run(config)
+    report = run(config, evaluate_test=False)  # the search chooses on validation; the test split stays unread
     output = Path(config.output)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
     validation = [r["values"] for r in records if r.get("kind") == "validation"]
