@@ -23,6 +23,7 @@ from leanfit.budget.calibrate import calibrate
 from leanfit.budget.exact import build
 from leanfit.cli import main
 from leanfit.data.splits import CAUSAL_LM, CLASSIFICATION, TensorSplits
+from leanfit.errors import ConfigError
 from leanfit.methods import config_from_dict, method_names, module_class
 from leanfit.methods.base import SHARED
 from leanfit.train.precision import resolve
@@ -403,6 +404,17 @@ def test_plan_refuses_a_configuration_or_cache_folder_before_calibrating(local_r
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "calibration cache" in lines[0] and str(blocker) in lines[0]
     assert blocker.read_text() == "x"
+
+
+def test_estimate_and_plan_refuse_what_tune_refuses(local_run, capsys):
+    from leanfit.budget import estimate
+    from leanfit.tune import TuneConfig
+    for bad, fragment in (({"epochs": 0}, "epochs must be"), ({"batch_size": 0}, "batch_size must be"),
+                          ({"precision": "fp8"}, "precision must be one of"), ({"prefix": "bogus"}, "prefix must be")):
+        with pytest.raises(ConfigError, match=fragment):  # was steps 0, a ZeroDivisionError, or accepted
+            estimate(TuneConfig(model="minilm", data="bbc-news", **bad))
+    assert main([str(a) for a in plan_args(local_run, "--train-layers", "all", "--lisa-layers", "9")]) == 2
+    assert "LISA layers must be between 1 and 4, got 9" in capsys.readouterr().err  # was a ZeroDivisionError
 
 
 def test_plan_says_it_calibrates_only_when_it_does(local_run, tmp_path, capsys):

@@ -131,6 +131,11 @@ class TuneConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{name} must be a non-empty text, got {value!r}; fix the option.")
+        from .train.policy import PREFIX_MODES
+        from .train.precision import PRECISIONS
+        for name, allowed in (("prefix", PREFIX_MODES), ("precision", PRECISIONS)):  # the command line's choices
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}; fix the option.")
         if self.lisa_layers is not None and self.train_layers not in (None, "all"):
             raise ConfigError(f"LISA samples its blocks among all of the model's, but train_layers={self.train_layers!r} "
                               "adapts only the top ones; pass --train-layers all with --lisa-layers.")

@@ -76,6 +76,7 @@ def estimate(config, model: nn.Module | None = None, calibration=None, *, data=N
     from ..data.splits import CLASSIFICATION
     from ..tune import load_data, method_options
     from .calibrate import calibrate, model_fingerprint
+    config.check()  # what `leanfit plan` checks: epochs 0, batch_size 0, precision "fp8" ... in one sentence
     config = dataclasses.replace(config, options=method_options(config.method, dict(config.options)))
     dataset = load_data(config) if data is None else None
     source_of_labels = dataset if dataset is not None else data
@@ -193,6 +194,8 @@ def compose(config, shape: dict, built: dict, calibration, source: str | None) -
     layers = {n: (h.adapters[config.name], h.base_layer) for n, h in hosts(adapted).items() if config.name in h.adapters}
     below_learns = any(v["layers"].get(n, {}).get("before_blocks") for n in layers)  # an adapter below the blocks
     cached = config.prefix == "cache" and config.method != "full" and lowest not in (None, 0) and not below_learns
+    if config.lisa_layers and config.lisa_layers > blocks:  # as the trainer's LISA refuses it
+        raise ConfigError(f"LISA layers must be between 1 and {blocks}, got {config.lisa_layers}.")
     depth = _lisa_depth(blocks, in_blocks, config.lisa_layers) if config.lisa_layers else in_blocks
     inference, high = v["inference"], v["train_high"]
     precision = calibration.key.get("precision", "fp32")  # the steps' (a float32 key names none)
