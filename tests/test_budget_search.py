@@ -212,6 +212,19 @@ def test_search_writes_front_report_and_a_best_config_inside_the_budget(tiny, tm
     assert report["trainable_params"] == best["cost"]["trainable_params"]
 
 
+def test_space_lists_count_each_item_once_and_refuse_an_empty_one(tiny, tmp_path, capsys):
+    from leanfit.budget.search_cli import settings_from_args
+    from leanfit.cli import _parser
+
+    def space(*extra):
+        return settings_from_args(_parser().parse_args([str(a) for a in search_args(tiny, tmp_path, 2, "params=4%", *extra)])).space
+
+    once = space().size()
+    assert space("--methods", "lora,ia3,bitfit,lora", "--ranks", "2,4,4", "--train-layers", "1,all,1").size() == once
+    for option in ("--methods", "--ranks", "--targets", "--train-layers"):  # '' ran the default space
+        one_sentence(capsys, search_args(tiny, tmp_path, 2, "params=4%", option, ""), f"{option} lists nothing")
+
+
 def test_impossible_budget_and_unknown_key_from_the_command_line(tiny, tmp_path, capsys):
     one_sentence(capsys, search_args(tiny, tmp_path, 2, "parms=1%"), "valid keys are params, bytes")
     one_sentence(capsys, search_args(tiny, tmp_path, 2, "params=0.01%"), "below the smallest configuration",
