@@ -372,3 +372,15 @@ def test_tune_lora_on_fashion_mnist_trains_saves_and_loads(tmp_path):
     result = Trainer(model, data, progress=False).evaluate("test")
     assert result["accuracy"] == pytest.approx(report["test"]["accuracy"])
     assert result["loss"] == pytest.approx(report["test"]["loss"], rel=1e-4)
+
+
+def test_int8_base_on_a_cnn_with_no_frozen_linear_is_refused_not_reported(monkeypatch):
+    from leanfit import tune, zoo
+    from leanfit.data import IMAGE_CLASSIFICATION
+    monkeypatch.setattr(zoo, "model", lambda *args, **kwargs: (tiny_efficientnet(), None))
+    split = {"images": torch.zeros(6, 4, 4, dtype=torch.uint8), "labels": torch.arange(6) % 3}
+    dataset = ImageDataset("tiny", split, split, split, ["a", "b", "c"])
+    assert dataset.task == IMAGE_CLASSIFICATION
+    config = tune.TuneConfig(model="tiny-cnn", data="tiny", int8_base=True, train_layers="all")
+    with pytest.raises(ConfigError, match="--int8-base stores the frozen base's nn.Linear layers in int8"):
+        tune.prepare_model(config, dataset)  # quantised nothing, yet the report said int8_base: true

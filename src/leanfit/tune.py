@@ -176,8 +176,9 @@ def prepare_model(config: TuneConfig, dataset: TextDataset):
     model, tokenizer = zoo.model(config.model, task=dataset.task, num_labels=labels, seed=config.seed)
     check_fits(model, config)
     apply_method(model, config)
-    if config.int8_base:
-        quantize_base(model)
+    if config.int8_base and not quantize_base(model):  # else the report says int8 of a base stored in float32
+        raise ConfigError(f"--int8-base stores the frozen base's nn.Linear layers in int8, and {config.model} has "
+                          "none outside what trains (a CNN's convolutions stay float); leave --int8-base out.")
     return model, tokenizer
 
 
