@@ -146,6 +146,17 @@ def test_eval_scores_the_test_rows_of_the_seed_the_adapter_was_trained_with(tmp_
 
 
 @pytest.mark.integration
+def test_full_fine_tuning_does_not_claim_an_adapter(tmp_path):
+    words = {"sport": "match goal team win score league", "money": "bank market shares profit price trade"}
+    _write_csv(tmp_path / "mine.csv", [(f"{words[t]} {i} " * 3, t) for i in range(30) for t in words])
+    proc = leanfit("tune", "--data", tmp_path / "mine.csv", "--text-column", "body", "--label-column", "topic",
+                   "--method", "full", "--epochs", "1", "--max-length", "16", "--batch-size", "16",
+                   "--output", tmp_path / "run", "--no-progress")
+    assert "adapter" not in proc.stdout.splitlines()[-1] and not (tmp_path / "run" / "adapter").exists()
+    assert "the fine-tuned weights were not kept: pass --checkpoint-every N" in proc.stdout
+
+
+@pytest.mark.integration
 def test_tune_eval_info_export_on_user_csv(tmp_path):
     words = {"sport": "match goal team win score league", "money": "bank market shares profit price trade"}
     rows = [(f"{words[t]} {i} " * 3, t) for i in range(30) for t in words]

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from .errors import ConfigError, LeanfitError
 from .tune_options import add_tune_arguments, tune_config
@@ -86,7 +87,12 @@ def _tune(args) -> int:
     if not distributed.is_main():
         return 0
     print(headline(report))
-    print(f"adapter and report written to {config.output}")
+    if report.get("adapter"):
+        print(f"adapter and report written to {config.output}")
+    else:  # full fine-tuning and a probe write no adapter; their weights live only in checkpoints, if kept
+        kept = " (the weights are in its checkpoints)" if Path(config.output, "checkpoints").is_dir() else (
+            "; the fine-tuned weights were not kept: pass --checkpoint-every N to keep them")
+        print(f"report written to {config.output}{kept}")
     return 0
 
 
