@@ -2,9 +2,8 @@
 
 Field names, defaults and shapes follow the OpenAI API reference, so the official `openai` client
 (and anything built on it) works unchanged. Options the server cannot honour (logprobs, echo, penalties,
-logit_bias, best_of, suffix) are refused with a 400 rather than silently ignored; other unknown fields
-are ignored, as OpenAI does for forward compatibility. Tools, response formats and logprobs are
-refused likewise.
+logit_bias, best_of, suffix, tools, tool_choice, response_format) are refused with a 400 rather than
+silently ignored; other unknown fields are ignored, as OpenAI does for forward compatibility.
 """
 
 from __future__ import annotations
