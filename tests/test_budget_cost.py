@@ -439,3 +439,11 @@ def test_plan_counts_exactly_what_leanfit_tune_reports_on_minilm(tmp_path, capsy
     assert planned["total_params"] == report["total_params"]
     assert planned["adapter_bytes"] == report["adapter_bytes"]
     assert planned["steps"] == report["steps"]
+
+
+def test_a_model_the_calibration_cannot_measure_is_refused_before_the_notice(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))  # no stack of blocks, no token ids
+    told = []
+    with pytest.raises(ConfigError, match="needs a network built as a stack of repeated blocks"):
+        calibrate(model, 4, 8, CLASSIFICATION, cache_dir=tmp_path, on_measure=lambda: told.append(1))
+    assert not told  # plan said "Calibrating this machine ..." and then refused

@@ -136,6 +136,7 @@ def calibrate(model: nn.Module, batch_size: int, seq_len: int, task: str, *,
                 return Calibration(key, data["values"], path)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
             pass  # a damaged cache file is measured again and replaced
+    check_calibratable(model)  # before the notice: a model it cannot measure is refused at once
     if on_measure is not None:
         on_measure()
     calibration = Calibration(key, measure_model(model, batch_size, seq_len, task, key["fingerprint"], precision),
@@ -144,9 +145,8 @@ def calibrate(model: nn.Module, batch_size: int, seq_len: int, task: str, *,
     return calibration
 
 
-def measure_model(model: nn.Module, batch_size: int, seq_len: int, task: str, fingerprint: str,
-                  precision: str = "fp32") -> dict:
-    """Run the measurements; the model's weights, flags, mode and the caller's RNG are left as they were."""
+def check_calibratable(model: nn.Module):
+    """The model's stack of blocks; refuses a model the calibration cannot measure."""
     from ..train.layers import transformer_blocks
     found = transformer_blocks(model)
     if found is None:
@@ -155,6 +155,13 @@ def measure_model(model: nn.Module, batch_size: int, seq_len: int, task: str, fi
     if getattr(getattr(model, "config", None), "vocab_size", None) is None:
         raise ConfigError("The cost model calibrates language models (token inputs); this model takes no token "
                           "ids, so `leanfit plan` cannot estimate it yet.")
+    return found
+
+
+def measure_model(model: nn.Module, batch_size: int, seq_len: int, task: str, fingerprint: str,
+                  precision: str = "fp32") -> dict:
+    """Run the measurements; the model's weights, flags, mode and the caller's RNG are left as they were."""
+    found = check_calibratable(model)
     was_training = model.training
     try:
         with torch.random.fork_rng(devices=[]):  # dropout, adapter inits and test tensors draw from a fork
