@@ -138,8 +138,6 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from pathlib import Path
-
     from .core.peft_format import export_peft
     if not args.output:  # Path("") would be the current folder
         raise ConfigError("The output folder is empty text; pass the folder to write the PEFT adapter to with -o.")

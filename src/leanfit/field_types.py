@@ -6,6 +6,7 @@ rank of 2.5 or "8" would otherwise fail deep inside torch, and a flag of "yes" w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 import typing
@@ -36,3 +37,13 @@ def field_type_error(instance, name: str, value) -> str | None:
         return None
     expected = " or ".join([_ACCEPTS[k][1] for k in kinds] + ["None"] * optional)
     return f"it must be {expected}, got {value!r} ({type(value).__name__})"
+
+
+def refuse_wrong_types(instance, what: str) -> None:
+    """Raise a ConfigError naming the first field of the dataclass `instance` whose value does not fit
+    its annotation; `what` names a field to the user (e.g. "Training option")."""
+    from .errors import ConfigError
+    for option in dataclasses.fields(instance):
+        error = field_type_error(instance, option.name, getattr(instance, option.name))
+        if error:
+            raise ConfigError(f"{what} {option.name} is of the wrong kind: {error}.")

@@ -221,8 +221,15 @@ def _kept_per_step(copy, config: TuneConfig) -> int:
     if found is None or getattr(getattr(copy, "config", None), "vocab_size", None) is None:
         return 0
     last = f"{found[0]}.{len(found[1]) - 1}."
-    per_token = sum(module.cost(1, copy.get_submodule(host).base_layer).activation_bytes_per_token
-                    for host, module in adapter_modules(copy, config.name).items() if not host.startswith(last))
+    traced, per_token = {}, 0
+    for host, module in adapter_modules(copy, config.name).items():
+        if host.startswith(last):
+            continue
+        base = copy.get_submodule(host).base_layer
+        shape = (type(module), tuple(base.weight.shape))  # layers of one shape keep the same: trace each once
+        if shape not in traced:
+            traced[shape] = module.cost(1, base).activation_bytes_per_token
+        per_token += traced[shape]
     scale = 0.5 if resolve(config.precision, torch.device("cpu")) == "bf16" else 1.0  # traced in float32
     return int(per_token * config.batch_size * config.max_length * scale)
 

@@ -79,12 +79,12 @@ def settings_from_args(args):
     if args.methods is not None:
         space_options["methods"] = _space_list(args.methods, "--methods")
     if args.train_layers is not None:
-        space_options["train_layers"] = tuple(dict.fromkeys(
-            "all" if v == "all" else _int(v, "--train-layers") for v in _space_list(args.train_layers, "--train-layers")))
+        space_options["train_layers"] = tuple("all" if v == "all" else _int(v, "--train-layers")
+                                              for v in _space_list(args.train_layers, "--train-layers"))
     if args.targets is not None:
         space_options["targets"] = _space_list(args.targets, "--targets")
     if args.ranks is not None:
-        space_options["ranks"] = tuple(dict.fromkeys(_int(v, "--ranks") for v in _space_list(args.ranks, "--ranks")))
+        space_options["ranks"] = tuple(_int(v, "--ranks") for v in _space_list(args.ranks, "--ranks"))
     if args.lr_range:
         low, _, high = args.lr_range.partition(":")
         try:
@@ -111,9 +111,9 @@ def _base_config(args):
 
 
 def _space_list(text: str, option: str) -> tuple[str, ...]:
-    """A search-space list, each item once (a repeat would count its configurations twice, and make the
-    same space look like another to a resumed study); an empty one is refused, not read as the default."""
-    items = tuple(dict.fromkeys(_items(text)))
+    """A search-space list (SearchSpace keeps each item once); an empty one is refused, not read as the
+    default."""
+    items = tuple(_items(text))
     if not items:
         raise ConfigError(f"{option} lists nothing; give one or more values separated by commas, or leave it out.")
     return items

@@ -40,6 +40,8 @@ class SearchSpace:
     lr_steps_per_decade: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("methods", "train_layers", "targets", "ranks"):  # each choice once: a repeat counts twice
+            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         known = method_names()
         for name in self.methods:
             if name not in known:

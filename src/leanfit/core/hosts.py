@@ -93,8 +93,8 @@ class AdapterHost(nn.Module):
             adapter, base, seen = self.adapters[name], self.base_layer, base_out
             if adapter.reads_base and self._merged:  # the base as it was before the merges
                 if unmerged is None:
-                    base = self.unmerged_base()
-                    unmerged = (base, base(x, *args, **kwargs))
+                    layer = self.unmerged_base()
+                    unmerged = (layer, layer(x, *args, **kwargs))
                 base, seen = unmerged
             # in the base's dtype, as PEFT does: under autocast a float32 delta (IA3's l ⊙ h) would
             # otherwise turn the rest of the block float32, slower and with twice the saved bytes
@@ -139,7 +139,10 @@ class AdapterHost(nn.Module):
                 continue
             originals = [o[i] for o in self._originals.values() if o[i] is not None]
             deltas = [d[i] for d in self._merged.values() if d[i] is not None]
-            layer._parameters[key] = originals[0] if originals else tensor.detach() - sum(deltas) if deltas else tensor
+            if originals:  # kept by a merge for a bit-exact restore
+                layer._parameters[key] = originals[0]
+            elif deltas:
+                layer._parameters[key] = tensor.detach() - sum(deltas)
         return layer
 
     @torch.no_grad()

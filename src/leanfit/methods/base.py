@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..field_types import field_type_error
+from ..field_types import refuse_wrong_types
 
 LINEAR, CONV2D, EMBEDDING = "linear", "conv2d", "embedding"
 ADAMW_STATE_PER_PARAM = 2  # exp_avg and exp_avg_sq
@@ -143,10 +143,7 @@ class MethodConfig:
         return type(self)(**{**asdict(self), **changes})
 
     def __post_init__(self) -> None:
-        for option in fields(self):  # types first, so validate() can rely on them
-            error = field_type_error(self, option.name, getattr(self, option.name))
-            if error:
-                raise ConfigError(f"Method '{self.method}' option {option.name} is of the wrong kind: {error}.")
+        refuse_wrong_types(self, f"Method '{self.method}' option")  # first, so validate() can rely on types
         try:
             self.validate()
         except ConfigError:  # the method's own sentence (a ConfigError is a ValueError too)

@@ -19,7 +19,7 @@ import torch
 
 from leanfit.data.splits import CLASSIFICATION, TensorSplits
 from leanfit.errors import ConfigError, DataError, TrainingError, check_known
-from leanfit.field_types import field_type_error
+from leanfit.field_types import refuse_wrong_types
 from leanfit.memory import trim_heap
 from leanfit.train.checkpoint import (check_resumable, data_fingerprint, latest_checkpoint, load_checkpoint,
                                       restore_rng, rng_state, save_checkpoint)
@@ -72,10 +72,7 @@ class TrainConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        for option in fields(self):  # types first: lr="x" would fail in a comparison below
-            error = field_type_error(self, option.name, getattr(self, option.name))
-            if error:
-                raise ConfigError(f"Training option {option.name} is of the wrong kind: {error}.")
+        refuse_wrong_types(self, "Training option")  # first: lr="x" would fail in a comparison below
         checks = [
             (min(self.epochs, self.batch_size, self.eval_batch_size, self.grad_accum, self.log_every) >= 1,
              "epochs, batch_size, eval_batch_size, grad_accum and log_every must be at least 1"),
@@ -131,10 +128,10 @@ def config_with(config: TrainConfig | None, overrides: dict) -> TrainConfig:
 def _check_folders(cfg: TrainConfig) -> Path | None:
     """The checkpoint to resume from, if any; refuses folders a fresh run would write over (an earlier
     run's checkpoints are pruned and its metrics truncated) and paths of the wrong kind, before training."""
-    for path, kind in ((cfg.checkpoint_dir, "checkpoint_dir"), (cfg.metrics_path, "metrics_path")):
-        if path is not None and Path(path).exists() and Path(path).is_dir() != (kind == "checkpoint_dir"):
-            raise ConfigError(f"{kind} '{path}' is a {'file' if kind == 'checkpoint_dir' else 'folder'}; give a "
-                              f"{'folder' if kind == 'checkpoint_dir' else 'file path'}.")
+    if cfg.checkpoint_dir is not None and Path(cfg.checkpoint_dir).is_file():
+        raise ConfigError(f"checkpoint_dir '{cfg.checkpoint_dir}' is a file; give a folder.")
+    if cfg.metrics_path is not None and Path(cfg.metrics_path).is_dir():
+        raise ConfigError(f"metrics_path '{cfg.metrics_path}' is a folder; give a file path.")
     found = latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
     if found is not None and not cfg.resume:
         raise ConfigError(f"checkpoint_dir '{cfg.checkpoint_dir}' holds an earlier run's checkpoints (the latest is "
@@ -151,13 +148,12 @@ def _check_model_reads_data(model: torch.nn.Module, data: TensorSplits) -> None:
     """A Hugging Face model's head and positions against the data, before the first step fails inside
     the model (an IndexError of a target out of bounds, a tensor size mismatch)."""
     from leanfit.core.model import task_heads
-    config = getattr(model, "config", None)
+    config, found = getattr(model, "config", None), task_heads(model)
     heads, positions = getattr(config, "num_labels", None), getattr(config, "max_position_embeddings", None)
-    if data.task == CLASSIFICATION and data.labels and isinstance(heads, int) and task_heads(model) \
-            and heads < len(data.labels):
+    if data.task == CLASSIFICATION and data.labels and isinstance(heads, int) and found and heads < len(data.labels):
         raise ConfigError(f"The model's head has {heads} outputs (num_labels) but the data has {len(data.labels)} "
                           f"labels; load the model with num_labels={len(data.labels)}.")
-    if data.task == CLASSIFICATION and task_heads(model) == ["score"] and getattr(config, "pad_token_id", 0) is None:
+    if data.task == CLASSIFICATION and found == ["score"] and getattr(config, "pad_token_id", 0) is None:
         # a decoder's classifier reads each row's last real token, found through the pad id
         raise ConfigError("The model's config has no pad_token_id, which its classification head needs to find each "
                           "row's last token; set model.config.pad_token_id = tokenizer.pad_token_id (encode gives a "
